@@ -1,0 +1,75 @@
+"""trio-peers: leader election among the processes of an application, through PostgreSQL.
+
+.. code-block:: python
+
+    async with trio_peers.open_peer(trio_peers.PeerConfig(dsn=dsn)) as peer:
+        async for change in peer.leadership():
+            ...
+"""
+
+from __future__ import annotations
+
+from ._asyncpg import AsyncpgBackend as AsyncpgBackend, migrate as migrate
+from ._backend import (
+    BackendConnection as BackendConnection,
+    BackendConnector as BackendConnector,
+    LeaderInfo as LeaderInfo,
+    PeerBackend as PeerBackend,
+)
+from ._cell import LeadershipChange as LeadershipChange, LeadershipChannel as LeadershipChannel
+from ._config import PeerConfig as PeerConfig
+from ._exceptions import (
+    BackendMisconfigured as BackendMisconfigured,
+    BackendUnavailable as BackendUnavailable,
+    PeerError as PeerError,
+    SchemaError as SchemaError,
+    TableMissing as TableMissing,
+    TrioPeersInternalError as TrioPeersInternalError,
+)
+from ._peer import (
+    LeaderScope as LeaderScope,
+    Peer as Peer,
+    PeerStatistics as PeerStatistics,
+    current_term as current_term,
+    open_peer as open_peer,
+)
+from ._util import fixup_module_metadata as _fixup_module_metadata
+
+__all__ = [
+    "AsyncpgBackend",
+    "BackendConnection",
+    "BackendConnector",
+    "BackendMisconfigured",
+    "BackendUnavailable",
+    "LeaderInfo",
+    "LeaderScope",
+    "LeadershipChange",
+    "LeadershipChannel",
+    "Peer",
+    "PeerBackend",
+    "PeerConfig",
+    "PeerError",
+    "PeerStatistics",
+    "SchemaError",
+    "TableMissing",
+    "TrioPeersInternalError",
+    "__version__",
+    "current_term",
+    "migrate",
+    "open_peer",
+]
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("trio-peers")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            return "0.0.0"
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_fixup_module_metadata(__name__, globals())
+del _fixup_module_metadata

@@ -1,0 +1,389 @@
+"""The PostgreSQL backend: asyncpg run under Trio through trio-asyncio.
+
+This is the ONLY module of trio-peers with asyncio-flavoured code. Each
+function says its flavour. Everything it exports is Trio-flavoured.
+
+Rules that keep asyncpg safe under trio-asyncio (see the project's DRIVER notes):
+
+* Each transaction, and each multi-step sequence (connect + check + LISTEN),
+  is one asyncio-side coroutine reached through a single ``aio_as_trio`` hop.
+* Listener and termination callbacks never raise: they hand data to the Trio
+  side inside ``try``/``except`` and do nothing else.
+* The loop gets an exception handler that logs instead of re-raising, so an
+  orphaned asyncio future (asyncpg's cancel request abandoned by
+  ``terminate()``) cannot kill the peer.
+* Connections are closed inside the loop, under a shielded timeout, with
+  ``terminate()`` as the fallback.
+* "Database unavailable" is one explicit list of exceptions, mapped here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Final, TypeVar, final
+
+import asyncpg
+import attrs
+import trio
+import trio_asyncio
+
+from ._backend import BackendConnection, BackendConnector, LeaderInfo
+from ._config import PeerConfig, check_identifier
+from ._core import ElectionOutcome, down_payload
+from ._exceptions import BackendMisconfigured, BackendUnavailable, SchemaError, TableMissing
+from ._sql import MIGRATE_LOCK_KEY, Statements, shape_problems
+
+if TYPE_CHECKING:
+    from asyncpg import Connection, Record
+    from asyncpg.prepared_stmt import PreparedStatement
+
+log: Final = logging.getLogger("trio_peers")
+
+T = TypeVar("T")
+
+_APPLICATION_NAME: Final = "trio-peers"
+
+#: asyncpg errors that retrying cannot fix.
+_PERMANENT: Final = (
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # 28000, includes 28P01
+    asyncpg.exceptions.InvalidCatalogNameError,  # 3D000: database does not exist
+    asyncpg.exceptions.ClientConfigurationError,
+)
+#: Errors that mean "the database cannot be reached right now".
+_UNAVAILABLE: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,  # 08xxx
+    asyncpg.exceptions.OperatorInterventionError,  # 57P01 admin shutdown, 57P03 starting up, 57014
+    asyncpg.exceptions.InternalClientError,  # e.g. a query racing a terminated backend
+    asyncpg.exceptions.InsufficientResourcesError,  # 53xxx, too many connections
+)
+
+
+def _aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Typed ``aio_as_trio``: call an asyncio-flavoured coroutine function from Trio."""
+    wrapped: Callable[..., Awaitable[T]] = trio_asyncio.aio_as_trio(fn)
+    return wrapped
+
+
+@contextmanager
+def _mapped(*, connecting: bool = False) -> Iterator[None]:
+    """Translate asyncpg and OS errors into trio-peers errors (keeping ``__cause__``)."""
+    try:
+        yield
+    except _PERMANENT as exc:
+        raise BackendMisconfigured(f"{type(exc).__name__}: {exc}") from exc
+    except asyncpg.exceptions.UndefinedTableError as exc:
+        raise TableMissing(str(exc)) from exc
+    except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+        raise BackendMisconfigured(f"permission denied: {exc}") from exc
+    except _UNAVAILABLE as exc:
+        if isinstance(exc, TimeoutError):
+            raise BackendUnavailable("timed out") from exc
+        raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        # Anything else the server says (serialization failure, deadlock, ...)
+        # is worth a retry; the peer steps down meanwhile.
+        raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    except ValueError as exc:
+        if connecting:  # asyncpg rejects a malformed DSN with ValueError
+            raise BackendMisconfigured(f"invalid DSN: {exc}") from exc
+        raise
+
+
+def _log_asyncio_error(loop: object, context: Mapping[str, object]) -> None:
+    """asyncio-flavoured loop exception handler: log, never re-raise (pitfall P9)."""
+    exc = context.get("exception")
+    log.debug("ignored asyncio error: %s", context.get("message"), exc_info=exc)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def open_asyncio_loop() -> AsyncIterator[None]:
+    """Trio-flavoured: a private trio-asyncio loop with a logging exception handler."""
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_asyncio_error)
+        yield
+
+
+# ---------------------------------------------------------------------- asyncio side
+
+
+async def _aio_connect(dsn: str, connect_timeout: float) -> Connection:
+    """asyncio-flavoured: open one connection."""
+    conn: Connection = await asyncpg.connect(
+        dsn, timeout=connect_timeout, server_settings={"application_name": _APPLICATION_NAME}
+    )
+    return conn
+
+
+async def _aio_check_table(conn: Connection, sql: Statements, limit: float) -> None:
+    """asyncio-flavoured: raise TableMissing / SchemaError unless the table fits."""
+    row = await conn.fetchrow(sql.table_shape, sql.regclass, timeout=limit)
+    if row is None or not row["present"]:
+        raise TableMissing(
+            f"the lease table {sql.prefix}.{sql.table} does not exist: "
+            f"run trio_peers.migrate(dsn, prefix={sql.prefix!r}, table={sql.table!r}) "
+            f"or `trio-peers migrate --dsn ... --prefix {sql.prefix} --table {sql.table}`"
+        )
+    problems = shape_problems(list(row["columns"]), list(row["pkey"]))
+    if problems:
+        raise SchemaError(
+            f"the table {sql.prefix}.{sql.table} cannot hold trio-peers leases: "
+            + "; ".join(problems)
+            + ". Drop it and run trio_peers.migrate(), or choose another table."
+        )
+
+
+@final
+@attrs.frozen
+class _Prepared:
+    conn: Connection
+    elect: PreparedStatement
+    release: PreparedStatement
+
+
+async def _aio_open_peer_connection(
+    config: PeerConfig,
+    sql: Statements,
+    on_notify: Callable[[object, int, str, object], None],
+    on_terminate: Callable[[object], None],
+) -> _Prepared:
+    """asyncio-flavoured: connect, check the table, prepare, LISTEN; close on any failure.
+
+    Preparing the election and release statements here makes each later round
+    and the final release a single round trip (no parse step on the hot path).
+    """
+    conn = await _aio_connect(config.dsn, config.connect_timeout)
+    try:
+        timeout = config.connect_timeout
+        await _aio_check_table(conn, sql, timeout)
+        elect = await conn.prepare(sql.elect, timeout=timeout)
+        release = await conn.prepare(sql.release, timeout=timeout)
+        if config.listen:
+            await conn.add_listener(config.channel, on_notify)
+        conn.add_termination_listener(on_terminate)
+    except BaseException:
+        conn.terminate()
+        raise
+    return _Prepared(conn, elect, release)
+
+
+async def _aio_migrate(conn: Connection, sql: Statements, unlogged: bool) -> bool:
+    """asyncio-flavoured: create schema and table in one transaction. True if created."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1::bigint)", MIGRATE_LOCK_KEY)
+        have_schema = await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", sql.prefix
+        )
+        if not have_schema:
+            await conn.execute(sql.create_schema)
+        exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", sql.regclass)
+        if not exists:
+            await conn.execute(sql.create_table(unlogged=unlogged))
+    await _aio_check_table(conn, sql, 60.0)
+    return not exists
+
+
+# ---------------------------------------------------------------------- Trio side
+
+
+@final
+class AsyncpgConnection:
+    """Trio-flavoured wrapper of one asyncpg connection of one peer."""
+
+    def __init__(self, prepared: _Prepared, config: PeerConfig, sql: Statements) -> None:
+        self._conn = prepared.conn
+        self._elect = prepared.elect
+        self._release = prepared.release
+        self._config = config
+        self._sql = sql
+        self._lease = datetime.timedelta(seconds=config.interval)
+
+    async def elect(
+        self, *, node: str, held_term: int | None, statement_timeout: float
+    ) -> ElectionOutcome:
+        with _mapped():
+            row: Record | None = await _aio(self._elect.fetchrow)(
+                self._config.name, node, self._lease, held_term, timeout=statement_timeout
+            )
+        if row is None:  # pragma: no cover - the SELECT always returns one row
+            raise BackendUnavailable("election statement returned no row")
+        won: int | None = row["won_term"]
+        if won is not None:
+            return ElectionOutcome(term=won, lease_remaining=row["won_remaining"])
+        return ElectionOutcome(
+            term=None,
+            holder_node=row["holder_node"],
+            holder_term=row["holder_term"],
+            holder_remaining=row["holder_remaining"],
+        )
+
+    async def release(
+        self, *, node: str, term: int, sender: str, statement_timeout: float
+    ) -> bool:
+        payload = down_payload(self._config.name, term, sender)
+        with _mapped():
+            rows = await _aio(self._release.fetch)(
+                self._config.name,
+                node,
+                term,
+                self._config.channel,
+                payload,
+                timeout=statement_timeout,
+            )
+        return len(rows) > 0
+
+    async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:
+        with _mapped():
+            row: Record | None = await _aio(self._conn.fetchrow)(
+                self._sql.get_leader, self._config.name, timeout=statement_timeout
+            )
+        return None if row is None else _leader_info(row)
+
+    async def aclose(self) -> None:
+        with _mapped():
+            await _aio(self._conn.close)()
+
+    def abort(self) -> None:
+        self._conn.terminate()
+
+
+def _leader_info(row: Record) -> LeaderInfo:
+    return LeaderInfo(
+        name=row["name"],
+        node=row["node"],
+        term=row["term"],
+        started_at=row["started_at"],
+        expires_at=row["expires_at"],
+    )
+
+
+@final
+class AsyncpgConnector:
+    """Trio-flavoured: opens peer connections inside an open trio-asyncio loop."""
+
+    def __init__(self, config: PeerConfig) -> None:
+        self._config = config
+        self._sql = Statements(config.prefix, config.table)
+
+    async def connect(
+        self,
+        *,
+        on_notification: Callable[[str], None],
+        on_lost: Callable[[], None],
+    ) -> BackendConnection:
+        def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            # Runs in the loop's callback; MUST NOT raise (pitfall P1).
+            try:
+                on_notification(str(payload))
+            except Exception:  # pragma: no cover - on_notification never raises
+                log.exception("trio-peers notification callback failed")
+
+        def on_terminate(_conn: object) -> None:
+            try:
+                on_lost()
+            except Exception:  # pragma: no cover
+                log.exception("trio-peers connection-lost callback failed")
+
+        with _mapped(connecting=True):
+            prepared = await _aio(_aio_open_peer_connection)(
+                self._config, self._sql, on_notify, on_terminate
+            )
+        return AsyncpgConnection(prepared, self._config, self._sql)
+
+
+@final
+@attrs.frozen
+class AsyncpgBackend:
+    """The default backend: PostgreSQL through asyncpg under trio-asyncio.
+
+    Each peer opens a private trio-asyncio loop and at most one connection.
+    """
+
+    @asynccontextmanager
+    async def _open(self, config: PeerConfig) -> AsyncIterator[BackendConnector]:
+        async with open_asyncio_loop():
+            yield AsyncpgConnector(config)
+
+    def open(self, config: PeerConfig) -> AbstractAsyncContextManager[BackendConnector]:
+        return self._open(config)
+
+
+@asynccontextmanager
+async def connect_once(dsn: str, *, connect_timeout: float) -> AsyncIterator[Connection]:
+    """Trio-flavoured: a private loop and one connection, closed on exit (shielded, bounded)."""
+    async with open_asyncio_loop():
+        with _mapped(connecting=True):
+            conn = await _aio(_aio_connect)(dsn, connect_timeout)
+        try:
+            yield conn
+        finally:
+            with trio.move_on_after(connect_timeout, shield=True) as scope:
+                try:
+                    await _aio(conn.close)()
+                except Exception:
+                    conn.terminate()
+            if scope.cancelled_caught:
+                conn.terminate()
+
+
+async def migrate(
+    dsn: str,
+    *,
+    prefix: str = "public",
+    table: str = "trio_peers",
+    unlogged: bool = False,
+    connect_timeout: float = 10.0,
+) -> bool:
+    """Create the lease table (and its schema) if they do not exist.
+
+    Idempotent and safe to run concurrently from many processes: the work runs
+    in one transaction under an advisory lock. Afterwards it checks that the
+    table has the shape trio-peers needs.
+
+    Args:
+      dsn: PostgreSQL URI.
+      prefix: Schema of the table (created if missing).
+      table: Table name.
+      unlogged: Create an ``UNLOGGED`` table. Faster writes, but PostgreSQL
+        empties it after a crash, which resets fencing terms to 1; the default
+        (a logged table) keeps terms monotonic across crash-restarts.
+      connect_timeout: Seconds allowed for connecting. Bound the whole call
+        with :func:`trio.fail_after` if you need to.
+
+    Returns:
+      True if the table was created, False if it already existed.
+
+    Raises:
+      ValueError: ``prefix`` or ``table`` is not a valid identifier.
+      BackendUnavailable: the server cannot be reached.
+      BackendMisconfigured: bad DSN, authentication, database, or privileges.
+      SchemaError: a table of that name exists with the wrong shape.
+
+    .. versionadded:: 0.1
+    """
+    check_identifier("prefix", prefix)
+    check_identifier("table", table)
+    sql = Statements(prefix, table)
+    async with connect_once(dsn, connect_timeout=connect_timeout) as conn:
+        with _mapped():
+            created: bool = await _aio(_aio_migrate)(conn, sql, unlogged)
+    return created
+
+
+async def fetch_status(
+    dsn: str, *, prefix: str = "public", table: str = "trio_peers", connect_timeout: float = 10.0
+) -> list[Mapping[str, object]]:
+    """Trio-flavoured: every row of a lease table with database-clock ``remaining`` seconds."""
+    check_identifier("prefix", prefix)
+    check_identifier("table", table)
+    sql = Statements(prefix, table)
+    async with connect_once(dsn, connect_timeout=connect_timeout) as conn:
+        with _mapped():
+            await _aio(_aio_check_table)(conn, sql, connect_timeout)
+            rows: list[Record] = await _aio(conn.fetch)(sql.status, timeout=connect_timeout)
+    return [dict(r.items()) for r in rows]

@@ -1,0 +1,351 @@
+"""The election state machine: pure, no I/O, no clock reads.
+
+Rules of this module (after h11's ``_state.py``):
+
+1. Everything that decides *whether this peer leads* and *when it acts next*
+   lives here. The Trio shell (``_peer.py``) only runs statements, sleeps and
+   publishes what this module decides.
+2. Time is always an input (``now``: seconds on the shell's monotonic clock,
+   :func:`trio.current_time` in practice). Randomness comes from an injected
+   :class:`random.Random`. So every transition is reproducible in tests.
+3. Illegal input raises :exc:`CoreError` and leaves the state unchanged.
+
+Theory of operation
+-------------------
+
+A peer runs *rounds*. A round is one statement that, atomically in the
+database, either renews the tenure this peer holds (same ``term``), takes over
+an absent or expired lease (new ``term``), or changes nothing. Its outcome is
+an :class:`ElectionOutcome`, in durations measured on the database clock.
+
+The peer *holds* a tenure (``term``) from a successful round until the database
+says otherwise. It *trusts* that tenure until ``trusted_until``: the start of
+the round that won or renewed it (taken before the statement is sent, so
+earlier than the database's ``now()``), plus the lease length the database
+granted, minus ``trust_margin`` (which covers clock-rate drift). The database
+cannot let anyone else take the lease before it expires, and the lease cannot
+expire before local trust ends as long as the drift stays within bounds. So
+two peers never trust a tenure at the same instant.
+
+A failed round (error, timeout) ends trust at once, but the peer remembers the
+tenure: if a later round finds it still unexpired in the database, the peer
+resumes it with the same ``term``; if someone else took it, the peer learns
+that it lost. ``is_leader(now)`` is ``now < trusted_until``: it needs no
+event to turn false when a renewal hangs or the process was paused.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import random
+from typing import Final, final
+
+import attrs
+
+#: Jitter shortens every scheduled delay by up to this fraction (Oban's ``mode: :dec``).
+JITTER: Final = 0.1
+#: A follower wakes this long (plus drift allowance) after the holder's lease
+#: expires according to the database, so its bid arrives just after expiry.
+EXPIRY_SLACK_MIN: Final = 0.001
+EXPIRY_SLACK_FRACTION: Final = 0.002
+#: Backoff after failed rounds: ``min(interval * BACKOFF_CAP, base * 2**(n-1))``,
+#: times a random factor in ``[0.5, 1]``, with ``base = min(0.05, interval / 20)``.
+BACKOFF_CAP: Final = 0.5
+
+
+class CoreError(Exception):
+    """Input that the state machine does not accept in its current state."""
+
+
+@final
+@attrs.frozen
+class ElectionOutcome:
+    """What one election statement reported. Durations are on the database clock."""
+
+    term: int | None
+    """The term this peer holds after the statement, or ``None`` if it was denied."""
+    lease_remaining: float | None = None
+    """If won: seconds from the statement's ``now()`` until our lease expires."""
+    holder_node: str | None = None
+    """If denied: the node that holds an unexpired lease (if any)."""
+    holder_term: int | None = None
+    """If denied: the term of that lease."""
+    holder_remaining: float | None = None
+    """If denied: seconds until that lease expires, per the database."""
+
+
+class Change(enum.Enum):
+    """What a round did to this peer's leadership, for logging and statistics."""
+
+    GAINED = "gained"
+    """Took a new tenure (new term)."""
+    RESUMED = "resumed"
+    """Renewed a tenure it held but no longer trusted (after an error or a pause)."""
+    RENEWED = "renewed"
+    """Renewed the trusted tenure."""
+    LOST = "lost"
+    """Held a tenure, and the database says it is gone."""
+    DENIED = "denied"
+    """Was follower and stays follower."""
+    FAILED = "failed"
+    """The round failed; trust (if any) ended."""
+    REPLACED = "replaced"
+    """Held a tenure and took a new one with a higher term in the same round."""
+
+
+@final
+@attrs.frozen
+class Tenure:
+    """A lease this peer holds (or held, until a round says otherwise)."""
+
+    term: int
+    trusted_until: float
+
+
+def jitter(base: float, rng: random.Random) -> float:
+    """``base`` shortened by a random fraction in ``[0, JITTER)``."""
+    return base * (1.0 - JITTER * rng.random())
+
+
+@final
+class ElectionCore:
+    """The election state machine of one peer. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        interval: float,
+        leader_boost: float,
+        trust_margin: float,
+        statement_timeout: float,
+        max_clock_drift: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not (interval > 0 and leader_boost >= 1 and 0 <= trust_margin < interval):
+            raise CoreError("invalid timing parameters")
+        if not 0 < statement_timeout <= interval / 2:
+            raise CoreError("statement_timeout must be in (0, interval / 2]")
+        self.interval = interval
+        self.leader_boost = leader_boost
+        self.trust_margin = trust_margin
+        self.statement_timeout = statement_timeout
+        self.max_clock_drift = max_clock_drift
+        self._rng = rng if rng is not None else random.Random()
+        self.tenure: Tenure | None = None
+        self.next_round_at: float = -math.inf
+        self.round_started_at: float | None = None
+        self.failures = 0
+        self.closed = False
+        self._wake_pending = False
+
+    # ------------------------------------------------------------------ queries
+
+    def is_leader(self, now: float) -> bool:
+        """True while this peer trusts a tenure. Reads the deadline every time."""
+        return self.tenure is not None and now < self.tenure.trusted_until
+
+    def term(self, now: float) -> int | None:
+        """The trusted tenure's term, or ``None``."""
+        if self.tenure is not None and now < self.tenure.trusted_until:
+            return self.tenure.term
+        return None
+
+    @property
+    def held_term(self) -> int | None:
+        """The term of the tenure this peer may still hold in the database."""
+        return self.tenure.term if self.tenure is not None else None
+
+    @property
+    def trusted_until(self) -> float:
+        """Local trust deadline, or ``-inf`` when no tenure is trusted."""
+        return self.tenure.trusted_until if self.tenure is not None else -math.inf
+
+    @property
+    def expiry_slack(self) -> float:
+        return EXPIRY_SLACK_MIN + EXPIRY_SLACK_FRACTION * self.interval
+
+    @property
+    def backoff_base(self) -> float:
+        return min(0.05, self.interval / 20)
+
+    # ------------------------------------------------------------------ inputs
+
+    def start_round(self, now: float) -> int | None:
+        """A round begins at ``now``. Returns the term to renew, or ``None``."""
+        if self.closed:
+            raise CoreError("the peer is closed")
+        if self.round_started_at is not None:
+            raise CoreError("a round is already in progress")
+        self.round_started_at = now
+        return self.held_term
+
+    def round_succeeded(self, now: float, outcome: ElectionOutcome) -> Change:
+        """The statement of the current round returned ``outcome`` at ``now``."""
+        start = self._finish_round(now)
+        wake = self._take_wake()
+        if outcome.term is not None and (
+            outcome.lease_remaining is None or outcome.lease_remaining <= 0
+        ):
+            raise CoreError("a won round must report a positive lease_remaining")
+        was_trusted = self.tenure is not None and start < self.tenure.trusted_until
+        before = self.tenure
+        self.failures = 0
+        if outcome.term is None:
+            self.tenure = None
+            self.next_round_at = now if wake else self._follower_next(start, now, outcome)
+            return Change.LOST if before is not None else Change.DENIED
+        assert outcome.lease_remaining is not None
+        trusted_until = start + outcome.lease_remaining - self.trust_margin
+        self.tenure = Tenure(outcome.term, trusted_until)
+        cap = (trusted_until - start) - self.statement_timeout
+        delay = min(jitter(self.interval / self.leader_boost, self._rng), cap)
+        self.next_round_at = start + max(delay, 0.0)
+        if before is None:
+            return Change.GAINED
+        if before.term != outcome.term:
+            return Change.REPLACED
+        return Change.RENEWED if was_trusted else Change.RESUMED
+
+    def round_failed(self, now: float, *, retry_after: float | None = None) -> Change:
+        """The statement of the current round failed (error or timeout) at ``now``.
+
+        Trust ends at once; the tenure is remembered so a later round may resume it.
+        The next round comes after :meth:`backoff`, or after ``retry_after``
+        seconds if given (a missing table is retried every ``interval``).
+        """
+        self._finish_round(now)
+        self._take_wake()
+        self._distrust()
+        self.failures += 1
+        delay = self.backoff(self.failures) if retry_after is None else retry_after
+        self.next_round_at = now + delay
+        return Change.FAILED
+
+    def connection_lost(self, now: float) -> bool:
+        """The connection dropped between rounds. Trust ends; reconnect after backoff.
+
+        Returns True if this ended trust in a tenure. During a round this does
+        nothing: the round itself fails.
+        """
+        if self.closed or self.round_started_at is not None:
+            return False
+        was_leader = self.is_leader(now)
+        self._distrust()
+        self.failures += 1
+        self.next_round_at = min(self.next_round_at, now + self.backoff(self.failures))
+        return was_leader
+
+    def resign(self, now: float) -> int | None:
+        """Give up the tenure now; bid again only after a follower's poll period.
+
+        Returns the term to release in the database, if any. Not during a round.
+        """
+        if self.round_started_at is not None:
+            raise CoreError("cannot resign during a round")
+        term = self.held_term
+        self.tenure = None
+        if term is not None:
+            self.next_round_at = now + jitter(self.interval, self._rng)
+        return term
+
+    def _distrust(self) -> None:
+        if self.tenure is not None:
+            self.tenure = Tenure(self.tenure.term, -math.inf)
+
+    def _take_wake(self) -> bool:
+        wake, self._wake_pending = self._wake_pending, False
+        return wake
+
+    def abort_round(self, now: float) -> None:
+        """The round was abandoned (the peer is closing). Trust ends, as on failure."""
+        self._finish_round(now)
+        self._distrust()
+
+    def notified_down(self, now: float) -> bool:
+        """Another peer released a lease of this name. Returns True to run a round now.
+
+        The caller coalesces: one pending wake-up runs one round.
+        """
+        if self.closed or self.is_leader(now):
+            return False
+        if self.round_started_at is not None:
+            self._wake_pending = True
+        else:
+            self.next_round_at = min(self.next_round_at, now)
+        return True
+
+    def close(self) -> int | None:
+        """The peer stops. Returns the term to release in the database, if any."""
+        self.closed = True
+        term = self.held_term
+        self.tenure = None
+        return term
+
+    def forget_tenure(self) -> None:
+        """Drop the held tenure without releasing it (e.g. leader work overran)."""
+        self.tenure = None
+
+    # ------------------------------------------------------------------ schedule
+
+    def backoff(self, failures: int) -> float:
+        """Delay before the next round after ``failures`` consecutive failed rounds."""
+        exp = min(failures - 1, 60)
+        raw = min(self.interval * BACKOFF_CAP, self.backoff_base * 2.0**exp)
+        return raw * (0.5 + 0.5 * self._rng.random())
+
+    def _follower_next(self, start: float, now: float, outcome: ElectionOutcome) -> float:
+        poll = start + jitter(self.interval, self._rng)
+        if outcome.holder_remaining is None:
+            if outcome.holder_term is None:
+                # Denied, yet no live holder was visible: the row changed while
+                # the statement waited for its lock. Look again soon.
+                return min(poll, now + self.backoff(1))
+            return poll
+        remaining = max(outcome.holder_remaining, 0.0)
+        wake = now + remaining * (1 + self.max_clock_drift) + self.expiry_slack
+        return min(poll, wake)
+
+    def _finish_round(self, now: float) -> float:
+        start = self.round_started_at
+        if start is None:
+            raise CoreError("no round is in progress")
+        if now < start:
+            raise CoreError("time went backwards")
+        self.round_started_at = None
+        return start
+
+
+# ---------------------------------------------------------------------- notifications
+
+
+@final
+@attrs.frozen
+class Down:
+    """A parsed ``down`` notification: a peer released its lease of ``name``."""
+
+    name: str
+    term: int | None
+    sender: str
+
+
+def down_payload(name: str, term: int, sender: str) -> str:
+    """The NOTIFY payload a resigning peer sends."""
+    return json.dumps({"down": name, "term": term, "sender": sender}, separators=(",", ":"))
+
+
+def parse_notification(payload: str) -> Down | None:
+    """Parse a NOTIFY payload; ``None`` for anything that is not a valid ``down``."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    name, term, sender = data.get("down"), data.get("term"), data.get("sender")
+    if not isinstance(name, str) or not isinstance(sender, str):
+        return None
+    if term is not None and (isinstance(term, bool) or not isinstance(term, int)):
+        return None
+    return Down(name=name, term=term, sender=sender)

@@ -1,0 +1,41 @@
+"""The exceptions trio-peers raises."""
+
+from __future__ import annotations
+
+
+class PeerError(Exception):
+    """Base class of every error trio-peers raises on purpose."""
+
+
+class BackendUnavailable(PeerError):
+    """The database cannot be reached right now (refused, lost, timed out, starting up).
+
+    A peer treats this as transient: it steps down, logs once, and retries with
+    backoff. You only see it from one-shot calls such as :func:`trio_peers.migrate`
+    or :meth:`Peer.get_leader <trio_peers.Peer.get_leader>`.
+    """
+
+
+class BackendMisconfigured(PeerError):
+    """A permanent problem that retrying cannot fix.
+
+    An invalid DSN, failed authentication, a database that does not exist, or
+    missing privileges. :func:`trio_peers.open_peer` raises it from entry.
+    """
+
+
+class SchemaError(PeerError):
+    """The lease table has the wrong shape (missing columns, no primary key on ``name``).
+
+    Raised from :func:`trio_peers.open_peer` entry. A *missing* table is not an
+    error at entry: the peer logs a warning naming :func:`trio_peers.migrate`,
+    stays follower and retries every ``interval``.
+    """
+
+
+class TableMissing(SchemaError):
+    """The lease table does not exist yet; run :func:`trio_peers.migrate`."""
+
+
+class TrioPeersInternalError(Exception):
+    """A bug in trio-peers. Please report it, with the traceback."""

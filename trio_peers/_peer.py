@@ -1,0 +1,801 @@
+"""The Trio shell: `open_peer`, `Peer`, and leader-only work.
+
+The shell runs statements, sleeps and publishes; :mod:`trio_peers._core`
+decides. Tasks (all in the peer's internal nursery):
+
+* the *election loop* runs one round at a time and sleeps until the core's
+  next round (or an earlier wake-up);
+* the *listener* drains NOTIFY payloads handed over by the backend's callback,
+  parses them, and wakes the loop for a ``down`` of this name from another peer;
+* the *watchdog* publishes the end of trust the instant the local trust
+  deadline passes, even while a renewal hangs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Final, Literal, TypeVarTuple, Unpack, final
+
+import attrs
+import trio
+
+from ._backend import BackendConnection, BackendConnector, LeaderInfo, PeerBackend
+from ._cell import LeadershipCell, LeadershipChannel
+from ._config import PeerConfig
+from ._core import Change, ElectionCore, parse_notification
+from ._exceptions import (
+    BackendMisconfigured,
+    BackendUnavailable,
+    PeerError,
+    SchemaError,
+    TableMissing,
+)
+from ._util import NoPublicConstructor
+
+log: Final = logging.getLogger("trio_peers")
+
+PosArgsT = TypeVarTuple("PosArgsT")
+
+#: Most NOTIFY payloads buffered between the backend callback and the listener task.
+_NOTIFY_BUFFER: Final = 256
+#: Extra seconds the Trio-side guard adds to a statement's own timeout.
+_GUARD_SLACK: Final = 0.5
+
+_current_term: contextvars.ContextVar[int] = contextvars.ContextVar("trio_peers_current_term")
+
+
+def current_term() -> int:
+    """The fencing term of the tenure the calling leader-only work runs under.
+
+    Call it from inside :meth:`Peer.run_while_leader` work or a
+    :meth:`Peer.leader_scope` block, and pass it to downstream writes so that
+    they can reject a stale leader.
+
+    Raises:
+      RuntimeError: when not called from leader-only work.
+
+    .. versionadded:: 0.1
+    """
+    try:
+        return _current_term.get()
+    except LookupError:
+        raise RuntimeError(
+            "trio_peers.current_term() called outside leader-only work "
+            "(Peer.run_while_leader or Peer.leader_scope)"
+        ) from None
+
+
+@final
+@attrs.frozen(kw_only=True)
+class PeerStatistics:
+    """A snapshot of a peer's state and counters, from :meth:`Peer.statistics`.
+
+    .. versionadded:: 0.1
+    """
+
+    name: str
+    """The instance name."""
+    node: str
+    """This peer's node id."""
+    is_leader: bool
+    """Whether the peer leads (trusts a tenure) now."""
+    term: int | None
+    """The trusted tenure's term, else ``None``."""
+    trusted_for: float | None
+    """Seconds of local trust left while leading, else ``None``."""
+    connected: bool
+    """Whether the peer has a live database connection."""
+    elections_run: int
+    """Rounds started (each one statement)."""
+    elections_failed: int
+    """Rounds that failed (error, timeout, lost connection)."""
+    tenures_gained: int
+    """Times this peer took a new tenure."""
+    notifications_received: int
+    """NOTIFY payloads received on the channel."""
+    notifications_ignored: int
+    """Payloads ignored: our own, other names, malformed."""
+    connects: int
+    """Connections opened (the first plus reconnects)."""
+    last_error: str | None
+    """The most recent error, as text, or ``None``."""
+    leader_work_running: int
+    """Leader-only work scopes currently active."""
+
+
+@attrs.define
+class _Counters:
+    elections_run: int = 0
+    elections_failed: int = 0
+    tenures_gained: int = 0
+    notifications_received: int = 0
+    notifications_ignored: int = 0
+    connects: int = 0
+    last_error: str | None = None
+
+
+@final
+class LeaderScope:
+    """Leader-only work's handle, from :meth:`Peer.leader_scope`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, term: int, cancel_scope: trio.CancelScope) -> None:
+        self.term: int = term
+        """The tenure's fencing token."""
+        self.cancel_scope: trio.CancelScope = cancel_scope
+        """Cancelled when the tenure ends; its deadline tracks local trust."""
+        self.lost: bool = False
+        """True once the tenure ended while the block ran."""
+        self.done = trio.Event()
+
+
+@final
+class Peer(metaclass=NoPublicConstructor):
+    """A member of a leader election. Get one from :func:`open_peer`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, config: PeerConfig) -> None:
+        now = trio.current_time()
+        self._config = config
+        self._core = ElectionCore(
+            interval=config.interval,
+            leader_boost=config.leader_boost,
+            trust_margin=config.trust_margin,
+            statement_timeout=config.effective_statement_timeout,
+            max_clock_drift=config.max_clock_drift,
+        )
+        self._cell = LeadershipCell(config.name, config.node, now)
+        self._sender = secrets.token_hex(8)
+        self._connector: BackendConnector | None = None
+        self._conn: BackendConnection | None = None
+        self._conn_gen = 0
+        self._conn_lock = trio.Lock()
+        self._resched = trio.Event()
+        self._payloads: collections.deque[str] = collections.deque(maxlen=_NOTIFY_BUFFER)
+        self._payloads_ready = trio.Event()
+        self._watch_scope: trio.CancelScope | None = None
+        self._loop_scope = trio.CancelScope()
+        self._loop_done = trio.Event()
+        self._leader_scopes: set[LeaderScope] = set()
+        self._counters = _Counters()
+        self._faulty = False
+        self._table_missing_logged = False
+        self._closing = False
+        self._closed = False
+        self._entered = False
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def config(self) -> PeerConfig:
+        """The configuration this peer runs with."""
+        return self._config
+
+    @property
+    def name(self) -> str:
+        """The instance name."""
+        return self._config.name
+
+    @property
+    def node(self) -> str:
+        """This process's unique owner id."""
+        return self._config.node
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this peer leads now. Sync, never blocks, never stale.
+
+        Reads the local trust deadline on every access: a process that was paused,
+        or whose renewal hangs, reports ``False`` before any other peer can take
+        the lease.
+        """
+        return self._core.is_leader(trio.current_time())
+
+    @property
+    def term(self) -> int | None:
+        """The fencing token of the current tenure while leader, else ``None``."""
+        return self._core.term(trio.current_time())
+
+    async def wait_leader(self) -> int:
+        """Return once this peer leads; returns the term. Checkpoints even if already leader.
+
+        Raises:
+          trio.ClosedResourceError: if the peer closes first.
+        """
+        await trio.lowlevel.checkpoint()
+        while True:
+            if self._closing:
+                raise trio.ClosedResourceError("the peer closed")
+            term = self.term
+            if term is not None:
+                return term
+            await self._cell.wait_newer(self._cell.value.version)
+
+    async def wait_follower(self) -> None:
+        """Return once this peer does not lead (at once, after a checkpoint, if so)."""
+        await trio.lowlevel.checkpoint()
+        while self.is_leader:
+            await self._cell.wait_newer(self._cell.value.version)
+
+    def leadership(self) -> LeadershipChannel:
+        """A new, independent receive channel of this peer's leadership changes.
+
+        The first item is the current state, delivered at once. Then each change:
+        a slow consumer receives the latest state (``version`` and ``term`` show
+        what it skipped) and never holds up the election. When the peer closes,
+        a leader's channels get a final ``is_leader=False`` item, then end.
+        """
+        return self._cell.open_channel()
+
+    def request_election(self) -> None:
+        """Run an election round soon, as a NOTIFY would. Sync; never blocks."""
+        if not self._closing and self._core.notified_down(trio.current_time()):
+            self._resched.set()
+
+    async def get_leader(self) -> LeaderInfo | None:
+        """Who leads this peer's name now, per the database, or ``None``.
+
+        Uses this peer's connection (waiting for an in-flight round to finish).
+        Bounded by ``statement_timeout`` (plus the wait for that round).
+
+        Raises:
+          BackendUnavailable: the database cannot be reached, or did not answer in time.
+          trio.ClosedResourceError: the peer is closed.
+        """
+        await trio.lowlevel.checkpoint()
+        if self._closing:
+            raise trio.ClosedResourceError("the peer is closed")
+        limit = self._config.effective_statement_timeout
+        with trio.move_on_after(limit + _GUARD_SLACK) as scope:
+            async with self._conn_lock:
+                conn = await self._ensure_connection()
+                try:
+                    return await conn.get_leader(statement_timeout=limit)
+                except BackendUnavailable:
+                    self._drop_connection()
+                    raise
+        assert scope.cancelled_caught
+        raise BackendUnavailable("get_leader timed out")
+
+    async def resign(self) -> bool:
+        """Give up leadership now, if leading, so another peer can take over.
+
+        This peer becomes follower at once (its leader-only work is cancelled
+        and awaited), then it releases the lease and sends NOTIFY. It bids again
+        only after about one ``interval``. Returns True if a lease was released.
+        """
+        await trio.lowlevel.checkpoint()
+        if self._closing:
+            return False
+        return await self._resign_now()
+
+    def statistics(self) -> PeerStatistics:
+        """A frozen snapshot of this peer's state and counters. Sync."""
+        now = trio.current_time()
+        c = self._counters
+        leader = self._core.is_leader(now)
+        return PeerStatistics(
+            name=self.name,
+            node=self.node,
+            is_leader=leader,
+            term=self._core.term(now),
+            trusted_for=self._core.trusted_until - now if leader else None,
+            connected=self._conn is not None,
+            elections_run=c.elections_run,
+            elections_failed=c.elections_failed,
+            tenures_gained=c.tenures_gained,
+            notifications_received=c.notifications_received,
+            notifications_ignored=c.notifications_ignored,
+            connects=c.connects,
+            last_error=c.last_error,
+            leader_work_running=len(self._leader_scopes),
+        )
+
+    # ------------------------------------------------------------------ leader-only work
+
+    @asynccontextmanager
+    async def leader_scope(self) -> AsyncIterator[LeaderScope]:
+        """Wait until this peer leads, then run the block in a scope bound to that tenure.
+
+        ``async with peer.leader_scope() as scope:``
+
+        The block is cancelled as soon as the tenure ends for any reason (lost
+        renewal, local trust deadline passed, resign, peer closing): the scope's
+        deadline *is* the local trust deadline, moved forward by each renewal,
+        so a process paused past it is cancelled before its work takes another
+        step. The cancellation is absorbed at the end of the block; check
+        ``scope.lost``. The peer waits for the block to finish (up to
+        ``cleanup_timeout``) before it releases the lease.
+
+        Raises:
+          trio.ClosedResourceError: if the peer closes before it leads.
+        """
+        term = await self.wait_leader()
+        with self._tenure_scope(term) as scope:
+            yield scope
+
+    @contextlib.contextmanager
+    def _tenure_scope(self, term: int) -> Iterator[LeaderScope]:
+        # No checkpoint between wait_leader() returning and the scope being bound.
+        cancel_scope = trio.CancelScope(deadline=self._core.trusted_until)
+        scope = LeaderScope(term, cancel_scope)
+        self._leader_scopes.add(scope)
+        token = _current_term.set(term)
+        try:
+            with cancel_scope:
+                yield scope
+        finally:
+            _current_term.reset(token)
+            self._leader_scopes.discard(scope)
+            scope.lost = cancel_scope.cancel_called
+            scope.done.set()
+
+    async def run_while_leader(
+        self,
+        async_fn: Callable[[Unpack[PosArgsT]], Awaitable[object]],
+        *args: *PosArgsT,
+        on_error: Literal["raise", "resign_and_retry"] = "raise",
+    ) -> None:
+        """Run ``async_fn(*args)`` during each of this peer's tenures; cancel it when one ends.
+
+        Each time this peer becomes leader, the work starts in a cancel scope
+        whose deadline is the local trust deadline; it is cancelled the moment
+        leadership ends, and awaited before the peer releases its lease or bids
+        again. :func:`current_term` gives the work its tenure's fencing term.
+        If the work returns while still leading, it is not restarted until the
+        next tenure.
+
+        Errors raised by the work: with ``on_error="raise"`` (default), the peer
+        resigns (so another node takes over) and the exception propagates out of
+        this call. With ``"resign_and_retry"``, it is logged, the peer resigns,
+        and the work runs again at this peer's next tenure.
+
+        Returns ``None`` when the peer closes; raises if the caller is cancelled.
+        """
+        while True:
+            try:
+                term = await self.wait_leader()
+            except trio.ClosedResourceError:
+                return
+            failed: Exception | None = None
+            with self._tenure_scope(term):
+                try:
+                    await async_fn(*args)
+                except Exception as exc:
+                    failed = exc
+                else:
+                    # Finished early: hold the slot until the tenure ends.
+                    await self._wait_tenure_end(term)
+            if failed is None:
+                continue
+            log.error(
+                "trio-peers %s: leader-only work %s failed (term %d); resigning",
+                self.name,
+                _fn_name(async_fn),
+                term,
+                exc_info=failed,
+            )
+            await self._resign_now()
+            if on_error == "raise":
+                raise failed
+
+    # ------------------------------------------------------------------ internals
+
+    async def _wait_tenure_end(self, term: int) -> None:
+        while self.term == term and not self._closing:
+            await self._cell.wait_newer(self._cell.value.version)
+
+    async def _resign_now(self) -> bool:
+        with trio.move_on_after(2 * self._config.cleanup_timeout, shield=True):
+            async with self._conn_lock:
+                if self._closing:
+                    return False
+                term = self._core.resign(trio.current_time())
+                self._publish()  # cancels leader-only work
+                self._resched.set()
+                if not await self._await_leader_work() or term is None:
+                    return False
+                return await self._release(term)
+        return False
+
+    async def _await_leader_work(self) -> bool:
+        """Wait for cancelled leader-only work. False if it overran ``cleanup_timeout``."""
+        with trio.move_on_after(self._config.cleanup_timeout, shield=True):
+            while self._leader_scopes:
+                await next(iter(self._leader_scopes)).done.wait()
+            return True
+        for scope in self._leader_scopes:
+            log.error(
+                "trio-peers %s: leader-only work (term %d) ignored cancellation for %.1fs; "
+                "not releasing the lease: it will lapse after at most one interval",
+                self.name,
+                scope.term,
+                self._config.cleanup_timeout,
+            )
+        return False
+
+    def _publish(self) -> None:
+        """Publish the core's current view; bind leader scopes and the watchdog to it."""
+        now = trio.current_time()
+        leader = self._core.is_leader(now)
+        term = self._core.term(now)
+        old = self._cell.value
+        if self._cell.set(leader, term, now):
+            if leader:
+                log.info(
+                    "trio-peers %s: leadership gained by %s (term %s)", self.name, self.node, term
+                )
+            elif old.is_leader:
+                log.info(
+                    "trio-peers %s: leadership lost by %s (term %s)",
+                    self.name,
+                    self.node,
+                    old.term,
+                )
+        deadline = self._core.trusted_until if leader else math.inf
+        if self._watch_scope is not None:
+            self._watch_scope.deadline = deadline
+        for scope in self._leader_scopes:
+            if not leader or term != scope.term:
+                scope.cancel_scope.cancel()
+            else:
+                scope.cancel_scope.deadline = deadline
+
+    def _note_fault(self, exc: BaseException, what: str) -> None:
+        self._counters.last_error = f"{type(exc).__name__}: {exc}"
+        if not self._faulty:
+            self._faulty = True
+            log.warning(
+                "trio-peers %s (%s): %s failed, stepping down and retrying: %s",
+                self.name,
+                self.node,
+                what,
+                self._counters.last_error,
+            )
+        else:
+            log.debug("trio-peers %s: %s failed again: %s", self.name, what, exc)
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._conn_gen += 1
+        if conn is not None:
+            conn.abort()
+
+    def _on_notification(self, payload: str) -> None:
+        # Called from the backend's callback: no raising, no blocking.
+        self._payloads.append(payload)
+        self._payloads_ready.set()
+
+    def _make_on_lost(self, gen: int) -> Callable[[], None]:
+        def on_lost() -> None:
+            if gen != self._conn_gen or self._closing:
+                return  # a connection we already dropped or are closing
+            self._conn_gen += 1
+            self._conn = None
+            self._note_fault(BackendUnavailable("connection lost"), "the database connection")
+            if self._core.connection_lost(trio.current_time()):
+                self._publish()
+            self._resched.set()
+
+        return on_lost
+
+    async def _ensure_connection(self) -> BackendConnection:
+        if self._conn is not None:
+            return self._conn
+        assert self._connector is not None
+        gen = self._conn_gen + 1
+        with trio.fail_after(self._config.connect_timeout + _GUARD_SLACK):
+            conn = await self._connector.connect(
+                on_notification=self._on_notification, on_lost=self._make_on_lost(gen)
+            )
+        self._conn_gen = gen
+        self._conn = conn
+        self._counters.connects += 1
+        return conn
+
+    async def _run_round(self, *, entry: bool) -> None:
+        st = self._config.effective_statement_timeout
+        async with self._conn_lock:
+            if self._closing:
+                return
+            held = self._core.start_round(trio.current_time())
+            self._counters.elections_run += 1
+            finished = False
+            try:
+                conn = await self._ensure_connection()
+                with trio.fail_after(st + _GUARD_SLACK):
+                    outcome = await conn.elect(
+                        node=self.node, held_term=held, statement_timeout=st
+                    )
+            except TableMissing as exc:
+                finished = True
+                self._round_failed(exc, retry_after=self._config.interval)
+                self._drop_connection()
+                if not self._table_missing_logged:
+                    self._table_missing_logged = True
+                    log.warning("trio-peers %s: %s; staying follower", self.name, exc)
+            except (BackendMisconfigured, SchemaError) as exc:
+                finished = True
+                self._round_failed(exc, retry_after=self._config.interval)
+                self._drop_connection()
+                if entry:
+                    raise
+                log.error("trio-peers %s: %s", self.name, exc)
+            except (BackendUnavailable, TimeoutError, trio.TooSlowError) as exc:
+                finished = True
+                self._round_failed(exc)
+                self._drop_connection()
+            else:
+                finished = True
+                change = self._core.round_succeeded(trio.current_time(), outcome)
+                self._round_done(change)
+            finally:
+                if not finished:  # cancelled, or a bug
+                    self._core.abort_round(trio.current_time())
+                    self._publish()
+
+    def _round_failed(self, exc: BaseException, *, retry_after: float | None = None) -> None:
+        self._counters.elections_failed += 1
+        self._core.round_failed(trio.current_time(), retry_after=retry_after)
+        if not isinstance(exc, TableMissing):
+            self._note_fault(exc, "an election round")
+        else:
+            self._counters.last_error = f"{type(exc).__name__}: {exc}"
+        self._publish()
+
+    def _round_done(self, change: Change) -> None:
+        if self._faulty:
+            self._faulty = False
+            log.info("trio-peers %s (%s): database reachable again", self.name, self.node)
+        if self._table_missing_logged:
+            self._table_missing_logged = False
+            log.info("trio-peers %s: lease table found", self.name)
+        if change in (Change.GAINED, Change.REPLACED):
+            self._counters.tenures_gained += 1
+        self._publish()
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _election_loop(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            with self._loop_scope:
+                await self._run_round(entry=True)
+                task_status.started()
+                while True:
+                    await self._sleep_until_next_round()
+                    await self._run_round(entry=False)
+        finally:
+            self._loop_done.set()
+
+    async def _sleep_until_next_round(self) -> None:
+        while True:
+            self._resched = trio.Event()
+            with trio.move_on_at(self._core.next_round_at):
+                await self._resched.wait()
+                continue  # the schedule changed: look again
+            return
+
+    async def _listener(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            await self._payloads_ready.wait()
+            self._payloads_ready = trio.Event()
+            while self._payloads:
+                self._handle_payload(self._payloads.popleft())
+
+    def _handle_payload(self, payload: str) -> None:
+        self._counters.notifications_received += 1
+        down = parse_notification(payload)
+        if down is None:
+            self._counters.notifications_ignored += 1
+            log.debug("trio-peers %s: ignoring malformed notification %.200r", self.name, payload)
+            return
+        if down.name != self.name or down.sender == self._sender:
+            self._counters.notifications_ignored += 1
+            return
+        if self._core.notified_down(trio.current_time()):
+            self._resched.set()
+
+    async def _watchdog(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            with trio.CancelScope() as scope:
+                self._watch_scope = scope
+                now = trio.current_time()
+                scope.deadline = (
+                    self._core.trusted_until if self._core.is_leader(now) else math.inf
+                )
+                await trio.sleep_forever()
+            self._publish()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _start(self, nursery: trio.Nursery, connector: BackendConnector) -> None:
+        self._connector = connector
+        self._entered = True
+        await nursery.start(self._watchdog)
+        await nursery.start(self._listener)
+        await nursery.start(self._election_loop)
+
+    async def _release(self, term: int) -> bool:
+        """Release ``term`` (caller holds the connection lock). Never raises for faults."""
+        try:
+            with trio.move_on_after(self._config.cleanup_timeout) as scope:
+                conn = await self._ensure_connection()
+                released = await conn.release(
+                    node=self.node,
+                    term=term,
+                    sender=self._sender,
+                    statement_timeout=self._config.cleanup_timeout,
+                )
+                if released:
+                    log.info(
+                        "trio-peers %s: %s released the lease (term %d) and notified",
+                        self.name,
+                        self.node,
+                        term,
+                    )
+                return released
+            if scope.cancelled_caught:
+                log.warning(
+                    "trio-peers %s: releasing term %d timed out after %.1fs; "
+                    "the lease will lapse instead",
+                    self.name,
+                    term,
+                    self._config.cleanup_timeout,
+                )
+                self._drop_connection()
+        except (PeerError, TimeoutError, trio.TooSlowError) as exc:
+            log.warning(
+                "trio-peers %s: could not release term %d (%s); the lease will lapse instead",
+                self.name,
+                term,
+                exc,
+            )
+            self._drop_connection()
+        return False
+
+    async def _stop(self) -> None:
+        """Shutdown, run shielded by the caller: loop, work, release, close."""
+        self._closing = True  # no new leader-only work, no new rounds
+        self._loop_scope.cancel()
+        await self._loop_done.wait()
+        async with self._conn_lock:
+            was_leader = self._cell.value.is_leader
+            term = self._core.close()
+            self._publish()  # cancels leader-only work; channels see is_leader=False
+            work_stopped = await self._await_leader_work()
+            if term is not None and work_stopped:
+                await self._release(term)
+            elif was_leader:
+                log.info("trio-peers %s: %s stopped", self.name, self.node)
+            await self._close_connection()
+        self._cell.close()
+        self._closed = True
+
+    async def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._conn_gen += 1
+        if conn is None:
+            return
+        with trio.move_on_after(self._config.cleanup_timeout) as scope:
+            try:
+                await conn.aclose()
+            except PeerError:
+                conn.abort()
+        if scope.cancelled_caught:
+            conn.abort()
+
+
+def _fn_name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """One exception for the user (trio-websocket's rules).
+
+    A single non-Cancelled exception is raised as itself; all-Cancelled raises
+    one Cancelled; a KeyboardInterrupt wins; anything else stays a group.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt):
+            return leaf
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if not real:
+        return leaves[0]
+    if len(real) == 1:
+        return real[0]
+    return group
+
+
+def _shutdown_bound(config: PeerConfig) -> float:
+    # leader-work grace + release + close, each bounded by cleanup_timeout, plus slack.
+    return 3 * config.cleanup_timeout + config.effective_statement_timeout + 1.0
+
+
+@asynccontextmanager
+async def open_peer(
+    config: PeerConfig, *, backend: PeerBackend | None = None
+) -> AsyncIterator[Peer]:
+    """Join the election for ``config.name``; leave it (releasing any lease) on exit.
+
+    ``async with open_peer(config) as peer:``
+
+    **Entry blocks** until the first election round has finished, so
+    ``peer.is_leader`` is meaningful on the first line of the body. If the
+    database cannot be reached at entry (refused, timed out, starting up),
+    entry still succeeds with the peer as follower, and it keeps retrying in
+    the background. A permanent misconfiguration raises from entry.
+
+    **Exit blocks** for a bounded time, also when the surrounding scope is
+    cancelled: it cancels and awaits leader-only work, stops the election
+    loop, and if this peer holds a lease it releases it and sends NOTIFY in one
+    statement (under ``cleanup_timeout``), then closes the connection. An
+    exception from the body propagates as itself, not wrapped in an
+    :exc:`ExceptionGroup`.
+
+    Args:
+      config: The peer's settings.
+      backend: The lease store. Default: PostgreSQL through asyncpg
+        (:class:`trio_peers.AsyncpgBackend`). Tests can pass
+        :class:`trio_peers.testing.MemoryBackend`.
+
+    Raises:
+      BackendMisconfigured: invalid DSN, failed authentication, missing database.
+      SchemaError: the lease table exists but has the wrong shape.
+
+    .. versionadded:: 0.1
+    """
+    if not isinstance(config, PeerConfig):
+        raise TypeError(f"config must be a PeerConfig, got {type(config).__name__}")
+    if backend is None:
+        from ._asyncpg import AsyncpgBackend
+
+        backend = AsyncpgBackend()
+    peer = Peer._create(config)
+    try:
+        async with backend.open(config) as connector, trio.open_nursery() as nursery:
+            try:
+                await peer._start(nursery, connector)
+                yield peer
+            finally:
+                with trio.move_on_after(_shutdown_bound(config), shield=True):
+                    await peer._stop()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        exc = _unwrap(group)
+        if exc is group:
+            raise
+        context = exc.__context__
+        try:
+            raise exc
+        finally:
+            exc.__context__ = context
+            del exc, group

@@ -1,0 +1,162 @@
+"""SQL text. Identifiers come only from validated config and are always quoted."""
+
+from __future__ import annotations
+
+from typing import Final, final
+
+import attrs
+
+from ._config import check_identifier
+
+#: Columns of the lease table and their types, as ``format_type`` prints them.
+EXPECTED_COLUMNS: Final = {
+    "name": "text",
+    "node": "text",
+    "term": "bigint",
+    "started_at": "timestamp with time zone",
+    "expires_at": "timestamp with time zone",
+}
+
+#: Key of the transaction-level advisory lock that serialises concurrent migrations.
+MIGRATE_LOCK_KEY: Final = 0x7472696F70656572  # b"triopeer"
+
+
+def quote_ident(ident: str) -> str:
+    """Quote a validated identifier for SQL."""
+    check_identifier("identifier", ident)
+    return '"' + ident.replace('"', '""') + '"'
+
+
+@final
+@attrs.frozen
+class Statements:
+    """Every statement for one ``prefix.table``, built once per config."""
+
+    prefix: str
+    table: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{quote_ident(self.prefix)}.{quote_ident(self.table)}"
+
+    @property
+    def regclass(self) -> str:
+        """The text to pass to ``to_regclass()``."""
+        return self.qualified
+
+    @property
+    def elect(self) -> str:
+        # $1 name, $2 node, $3 lease length (interval), $4 held term or NULL.
+        #
+        # One statement, so one round trip and one transaction. now() is the
+        # statement's start: expiry and the expired check use the database
+        # clock only. The UPSERT's WHERE admits exactly two cases:
+        #   * the lease is absent or expired: take it with term + 1;
+        #   * this node holds exactly tenure $4 and it has not expired: renew it.
+        # A renewal can therefore never touch another node's lease, nor another
+        # tenure of the same node value (oban#1488, oban-py#32).
+        # The outer SELECT reads the table as it was before the UPSERT, to report
+        # the current holder when the bid is denied.
+        t = self.qualified
+        return f"""
+WITH attempt AS (
+    INSERT INTO {t} AS p (name, node, term, started_at, expires_at)
+    VALUES ($1, $2, 1, now(), now() + $3::interval)
+    ON CONFLICT (name) DO UPDATE SET
+        node = EXCLUDED.node,
+        term = CASE WHEN p.expires_at <= now() THEN p.term + 1 ELSE p.term END,
+        started_at = CASE WHEN p.expires_at <= now() THEN now() ELSE p.started_at END,
+        expires_at = EXCLUDED.expires_at
+    WHERE p.expires_at <= now() OR (p.node = $2 AND p.term = $4::bigint)
+    RETURNING p.term, p.expires_at
+)
+SELECT a.term AS won_term,
+       EXTRACT(EPOCH FROM a.expires_at - now())::float8 AS won_remaining,
+       h.node AS holder_node,
+       h.term AS holder_term,
+       EXTRACT(EPOCH FROM h.expires_at - now())::float8 AS holder_remaining
+FROM (SELECT 1) AS one
+LEFT JOIN attempt AS a ON true
+LEFT JOIN {t} AS h ON a.term IS NULL AND h.name = $1 AND h.expires_at > now()
+"""
+
+    @property
+    def release(self) -> str:
+        # $1 name, $2 node, $3 term, $4 channel, $5 payload.
+        # Expire the tenure in place (the row keeps the term counter, so terms
+        # stay monotonic) and NOTIFY in the same statement: the notification is
+        # delivered at commit, when followers can already take the lease.
+        t = self.qualified
+        return f"""
+WITH released AS (
+    UPDATE {t} SET expires_at = now()
+    WHERE name = $1 AND node = $2 AND term = $3 AND expires_at > now()
+    RETURNING name
+)
+SELECT pg_notify($4::text, $5::text) FROM released
+"""
+
+    @property
+    def get_leader(self) -> str:
+        return (
+            f"SELECT name, node, term, started_at, expires_at FROM {self.qualified} "
+            "WHERE name = $1 AND expires_at > now()"
+        )
+
+    @property
+    def status(self) -> str:
+        """Every name in the table, live or not, with database-clock remaining time."""
+        return (
+            "SELECT name, node, term, started_at, expires_at, expires_at > now() AS live, "
+            "EXTRACT(EPOCH FROM expires_at - now())::float8 AS remaining "
+            f"FROM {self.qualified} ORDER BY name"
+        )
+
+    @property
+    def table_shape(self) -> str:
+        # $1: the regclass text. Returns exists, columns (name:type) and primary key columns.
+        return """
+SELECT c.oid IS NOT NULL AS present,
+       (SELECT coalesce(array_agg(a.attname::text || ':' || format_type(a.atttypid, a.atttypmod)), '{}')
+          FROM pg_attribute AS a
+         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
+       (SELECT coalesce(array_agg(k.attname::text), '{}')
+          FROM pg_index AS i
+          JOIN pg_attribute AS k ON k.attrelid = i.indrelid AND k.attnum = ANY (i.indkey)
+         WHERE i.indrelid = c.oid AND i.indisprimary) AS pkey
+FROM (SELECT to_regclass($1) AS oid) AS c
+"""
+
+    def create_table(self, *, unlogged: bool = False) -> str:
+        kind = "UNLOGGED TABLE" if unlogged else "TABLE"
+        return f"""
+CREATE {kind} IF NOT EXISTS {self.qualified} (
+    name text PRIMARY KEY CHECK (name <> ''),
+    node text NOT NULL,
+    term bigint NOT NULL CHECK (term > 0),
+    started_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL
+)
+"""
+
+    @property
+    def create_schema(self) -> str:
+        return f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.prefix)}"
+
+
+def shape_problems(columns: list[str], pkey: list[str]) -> list[str]:
+    """Describe how a table's shape differs from the one trio-peers needs."""
+    have = dict(col.split(":", 1) for col in columns)
+    problems = [
+        f"column {col!r} is missing"
+        if col not in have
+        else f"column {col!r} is {have[col]}, not {typ}"
+        for col, typ in EXPECTED_COLUMNS.items()
+        if have.get(col) != typ
+    ]
+    if pkey != ["name"]:
+        problems.append(
+            "the primary key must be exactly (name)"
+            + (f", not ({', '.join(pkey)})" if pkey else "")
+        )
+    return problems

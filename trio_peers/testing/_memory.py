@@ -1,0 +1,271 @@
+"""An in-memory lease store with the PostgreSQL backend's semantics, on Trio's clock."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Final, final
+
+import attrs
+import trio
+
+from .._backend import BackendConnection, BackendConnector, LeaderInfo
+from .._config import PeerConfig
+from .._core import ElectionOutcome, down_payload
+from .._exceptions import BackendUnavailable, TableMissing
+
+#: The wall-clock instant that Trio time 0 maps to in :class:`LeaderInfo` timestamps.
+_EPOCH: Final = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
+
+
+@final
+@attrs.define
+class MemoryRow:
+    """One lease row, as the in-memory store keeps it (times on :func:`trio.current_time`)."""
+
+    node: str
+    term: int
+    started_at: float
+    expires_at: float
+
+
+def _stamp(t: float) -> datetime.datetime:
+    return _EPOCH + datetime.timedelta(seconds=t)
+
+
+@final
+class MemoryBackend:
+    """A lease store in memory, shared by every peer given the same instance.
+
+    It follows the lease semantics of the PostgreSQL backend exactly (the
+    project's contract tests run the same scenarios against both), using
+    :func:`trio.current_time` as the database clock, so it runs under
+    :class:`trio.testing.MockClock`::
+
+        backend = MemoryBackend()
+        async with open_peer(config, backend=backend) as peer:
+            ...
+
+    Pass ``dsn="memory://"`` (any string) in the config: it is not used.
+
+    Fault injection, for testing how your application behaves:
+
+    * :attr:`available` = False: connecting and every statement fail with
+      :exc:`~trio_peers.BackendUnavailable`, and open connections are dropped.
+    * :attr:`hang` = True: statements block until the caller's timeout.
+    * :attr:`deliver_notifications` = False: NOTIFY is lost (as behind PgBouncer).
+    * :meth:`kill_connections`: drop every open connection (as a server restart does).
+    * :attr:`statement_delay`: seconds each statement takes before it runs.
+    * :meth:`drop_table` / :meth:`create_table`: a missing table.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self, *, tables: tuple[tuple[str, str], ...] = (("public", "trio_peers"),)
+    ) -> None:
+        self.rows: dict[tuple[str, str, str], MemoryRow] = {}
+        """Lease rows by ``(prefix, table, name)``."""
+        self.tables: set[tuple[str, str]] = set(tables)
+        """Existing ``(prefix, table)`` pairs. Default: the default table only."""
+        self.available = True
+        self.hang = False
+        self.deliver_notifications = True
+        self.statement_delay = 0.0
+        self.statements = 0
+        """How many statements ran (elect, release, get_leader)."""
+        self._connections: set[_MemoryConnection] = set()
+
+    # ------------------------------------------------------------------ controls
+
+    def create_table(self, prefix: str = "public", table: str = "trio_peers") -> None:
+        """Create a lease table (like :func:`trio_peers.migrate`)."""
+        self.tables.add((prefix, table))
+
+    def drop_table(self, prefix: str = "public", table: str = "trio_peers") -> None:
+        """Drop a lease table and its rows."""
+        self.tables.discard((prefix, table))
+        for key in [k for k in self.rows if k[:2] == (prefix, table)]:
+            del self.rows[key]
+
+    def kill_connections(self) -> None:
+        """Drop every open connection; their peers see the connection lost."""
+        for conn in list(self._connections):
+            conn.lose()
+
+    def set_available(self, available: bool) -> None:
+        """Take the store down (dropping connections) or bring it back."""
+        self.available = available
+        if not available:
+            self.kill_connections()
+
+    def leader(
+        self, name: str = "default", *, prefix: str = "public", table: str = "trio_peers"
+    ) -> MemoryRow | None:
+        """The unexpired row of ``name`` now, if any. Sync."""
+        row = self.rows.get((prefix, table, name))
+        if row is not None and row.expires_at > trio.current_time():
+            return row
+        return None
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections are open."""
+        return len(self._connections)
+
+    # ------------------------------------------------------------------ backend protocol
+
+    def open(self, config: PeerConfig) -> AbstractAsyncContextManager[BackendConnector]:
+        return self._open(config)
+
+    @asynccontextmanager
+    async def _open(self, config: PeerConfig) -> AsyncIterator[BackendConnector]:
+        await trio.lowlevel.checkpoint()
+        yield _MemoryConnector(self, config)
+
+    # ------------------------------------------------------------------ statements (sync, atomic)
+
+    def _check(self, config: PeerConfig) -> None:
+        if not self.available:
+            raise BackendUnavailable("ConnectionRefusedError: memory backend is down")
+        if (config.prefix, config.table) not in self.tables:
+            raise TableMissing(
+                f"the lease table {config.prefix}.{config.table} does not exist: run migrate()"
+            )
+
+    def elect_now(self, config: PeerConfig, node: str, held_term: int | None) -> ElectionOutcome:
+        """One election statement, executed atomically at ``trio.current_time()``."""
+        now = trio.current_time()
+        key = (config.prefix, config.table, config.name)
+        row = self.rows.get(key)
+        if row is None:
+            self.rows[key] = MemoryRow(node, 1, now, now + config.interval)
+            return ElectionOutcome(term=1, lease_remaining=config.interval)
+        if row.expires_at <= now:
+            self.rows[key] = MemoryRow(node, row.term + 1, now, now + config.interval)
+            return ElectionOutcome(term=row.term + 1, lease_remaining=config.interval)
+        if row.node == node and row.term == held_term:
+            row.expires_at = now + config.interval
+            return ElectionOutcome(term=row.term, lease_remaining=config.interval)
+        return ElectionOutcome(
+            term=None,
+            holder_node=row.node,
+            holder_term=row.term,
+            holder_remaining=row.expires_at - now,
+        )
+
+    def release_now(self, config: PeerConfig, node: str, term: int, sender: str) -> bool:
+        """One release statement: expire the tenure in place and notify, atomically."""
+        now = trio.current_time()
+        row = self.rows.get((config.prefix, config.table, config.name))
+        if row is None or row.node != node or row.term != term or row.expires_at <= now:
+            return False
+        row.expires_at = now
+        self.notify(config.channel, down_payload(config.name, term, sender))
+        return True
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Send a NOTIFY to every connection listening on ``channel`` (like ``pg_notify``)."""
+        if not self.deliver_notifications:
+            return
+        for conn in list(self._connections):
+            if conn.listening_on == channel:
+                conn.deliver(payload)
+
+    def get_leader_now(self, config: PeerConfig) -> LeaderInfo | None:
+        row = self.leader(config.name, prefix=config.prefix, table=config.table)
+        if row is None:
+            return None
+        return LeaderInfo(
+            name=config.name,
+            node=row.node,
+            term=row.term,
+            started_at=_stamp(row.started_at),
+            expires_at=_stamp(row.expires_at),
+        )
+
+
+@final
+class _MemoryConnector:
+    def __init__(self, backend: MemoryBackend, config: PeerConfig) -> None:
+        self._backend = backend
+        self._config = config
+
+    async def connect(
+        self,
+        *,
+        on_notification: Callable[[str], None],
+        on_lost: Callable[[], None],
+    ) -> BackendConnection:
+        await trio.lowlevel.checkpoint()
+        self._backend._check(self._config)
+        conn = _MemoryConnection(self._backend, self._config, on_notification, on_lost)
+        self._backend._connections.add(conn)
+        return conn
+
+
+@final
+class _MemoryConnection:
+    def __init__(
+        self,
+        backend: MemoryBackend,
+        config: PeerConfig,
+        on_notification: Callable[[str], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self._backend = backend
+        self._config = config
+        self._on_notification = on_notification
+        self._on_lost = on_lost
+        self.listening_on: str | None = config.channel if config.listen else None
+        self.closed = False
+
+    def deliver(self, payload: str) -> None:
+        if not self.closed:
+            self._on_notification(payload)
+
+    def lose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._backend._connections.discard(self)
+            self._on_lost()
+
+    async def _statement(self, limit: float) -> None:
+        """Wait like a statement would; raise like a broken or timed-out one would."""
+        if self.closed:
+            raise BackendUnavailable("InterfaceError: connection is closed")
+        with trio.move_on_after(limit) as scope:
+            if self._backend.hang:
+                await trio.sleep_forever()
+            await trio.sleep(self._backend.statement_delay)
+        if scope.cancelled_caught:
+            raise TimeoutError("statement timed out")
+        if self.closed:
+            raise BackendUnavailable("ConnectionDoesNotExistError: connection was closed")
+        self._backend._check(self._config)
+        self._backend.statements += 1
+
+    async def elect(
+        self, *, node: str, held_term: int | None, statement_timeout: float
+    ) -> ElectionOutcome:
+        await self._statement(statement_timeout)
+        return self._backend.elect_now(self._config, node, held_term)
+
+    async def release(
+        self, *, node: str, term: int, sender: str, statement_timeout: float
+    ) -> bool:
+        await self._statement(statement_timeout)
+        return self._backend.release_now(self._config, node, term, sender)
+
+    async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:
+        await self._statement(statement_timeout)
+        return self._backend.get_leader_now(self._config)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.abort()
+
+    def abort(self) -> None:
+        self.closed = True
+        self._backend._connections.discard(self)
