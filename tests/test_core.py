@@ -1,0 +1,244 @@
+"""The pure election core: transitions, trust, schedule. Sync, no event loop."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from trio_peers._core import (
+    JITTER,
+    Change,
+    CoreError,
+    Down,
+    ElectionCore,
+    ElectionOutcome,
+    down_payload,
+    parse_notification,
+)
+
+INTERVAL = 10.0
+MARGIN = 0.1  # 1% drift
+ST = 2.5
+
+
+def make_core(*, boost: float = 2.0, seed: int = 0) -> ElectionCore:
+    return ElectionCore(
+        interval=INTERVAL,
+        leader_boost=boost,
+        trust_margin=MARGIN,
+        statement_timeout=ST,
+        max_clock_drift=0.01,
+        rng=random.Random(seed),
+    )
+
+
+def won(term: int, remaining: float = INTERVAL) -> ElectionOutcome:
+    return ElectionOutcome(term=term, lease_remaining=remaining)
+
+
+def denied(holder_remaining: float | None = 5.0, holder_term: int | None = 1) -> ElectionOutcome:
+    return ElectionOutcome(
+        term=None, holder_node="other", holder_term=holder_term, holder_remaining=holder_remaining
+    )
+
+
+def round_(core: ElectionCore, start: float, end: float, outcome: ElectionOutcome) -> Change:
+    core.start_round(start)
+    return core.round_succeeded(end, outcome)
+
+
+def test_gain_trust_is_anchored_at_round_start() -> None:
+    core = make_core()
+    assert round_(core, 100.0, 100.4, won(1)) is Change.GAINED
+    # Trusted until start + lease - margin, however long the statement took.
+    assert core.trusted_until == pytest.approx(100.0 + INTERVAL - MARGIN)
+    assert core.is_leader(109.89)
+    assert not core.is_leader(109.9)
+    assert core.term(105.0) == 1
+    assert core.term(110.0) is None
+
+
+def test_slow_statement_does_not_stretch_trust() -> None:
+    # river#1213 / codex-lb#1253: a slow successful renewal must not extend trust.
+    core = make_core()
+    round_(core, 0.0, 9.95, won(1))
+    assert not core.is_leader(9.95)
+
+
+def test_renewal_keeps_term_and_moves_deadline() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, won(1))
+    assert core.start_round(4.5) == 1  # a leader sends its held term
+    assert core.round_succeeded(4.51, won(1)) is Change.RENEWED
+    assert core.trusted_until == pytest.approx(4.5 + INTERVAL - MARGIN)
+
+
+def test_leader_renews_before_trust_ends_with_jitter_decreasing() -> None:
+    for seed in range(200):
+        core = make_core(seed=seed)
+        round_(core, 0.0, 0.01, won(1))
+        delay = core.next_round_at - 0.0
+        assert (1 - JITTER) * INTERVAL / 2 <= delay <= INTERVAL / 2
+        assert core.next_round_at < core.trusted_until
+
+
+def test_boost_one_is_capped_below_trust_deadline_minus_statement_timeout() -> None:
+    for seed in range(50):
+        core = make_core(boost=1.0, seed=seed)
+        round_(core, 0.0, 0.01, won(1))
+        assert core.next_round_at <= core.trusted_until - ST
+
+
+def test_failure_ends_trust_at_once_but_remembers_tenure() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, won(5))
+    core.start_round(5.0)
+    assert core.round_failed(5.2) is Change.FAILED
+    assert not core.is_leader(5.2)
+    assert core.held_term == 5
+    # Next round offers term 5 again, and resuming keeps it (False, then True/5).
+    retry_at = core.next_round_at
+    assert 5.2 < retry_at <= 5.2 + core.backoff_base
+    assert core.start_round(retry_at) == 5
+    assert core.round_succeeded(retry_at + 0.01, won(5)) is Change.RESUMED
+    assert core.term(retry_at + 0.1) == 5
+
+
+def test_denied_renewal_means_lost_and_forgets_tenure() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, won(1))
+    assert round_(core, 5.0, 5.01, denied(holder_term=2)) is Change.LOST
+    assert core.held_term is None
+    assert not core.is_leader(5.01)
+
+
+def test_new_term_in_same_round_is_reported_as_replaced() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, won(1))
+    core.start_round(20.0)
+    core.round_failed(20.1)
+    assert round_(core, 21.0, 21.01, won(2)) is Change.REPLACED
+
+
+def test_follower_polls_each_interval_or_just_after_expiry() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, denied(holder_remaining=3.0))
+    # Wakes just after the holder's lease expires per the database.
+    assert 3.01 < core.next_round_at < 3.01 + 3.0 * 0.01 + 0.05
+    core2 = make_core()
+    round_(core2, 0.0, 0.01, denied(holder_remaining=50.0))
+    assert (1 - JITTER) * INTERVAL <= core2.next_round_at <= INTERVAL
+
+
+def test_denied_without_visible_holder_retries_soon() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, denied(holder_remaining=None, holder_term=None))
+    assert core.next_round_at <= 0.01 + core.backoff_base
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    core = make_core()
+    delays = []
+    for _ in range(12):
+        start = max(core.next_round_at, 0.0)
+        core.start_round(start)
+        core.round_failed(start)
+        delays.append(core.next_round_at - start)
+    assert delays[0] <= core.backoff_base
+    assert max(delays) <= INTERVAL * 0.5
+    assert delays[-1] >= INTERVAL * 0.25  # reached the cap region (random factor >= 0.5)
+
+
+def test_notification_wakes_follower_not_leader() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, denied(holder_remaining=9.0))
+    assert core.notified_down(1.0)
+    assert core.next_round_at == 1.0
+    leader = make_core()
+    round_(leader, 0.0, 0.01, won(1))
+    assert not leader.notified_down(1.0)
+
+
+def test_notification_during_round_is_not_lost() -> None:
+    core = make_core()
+    core.start_round(0.0)
+    assert core.notified_down(0.005)
+    core.round_succeeded(0.01, denied(holder_remaining=9.0))
+    assert core.next_round_at == 0.01  # coalesced wake-up runs right after
+
+
+def test_connection_lost_ends_trust() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, won(1))
+    assert core.connection_lost(2.0)
+    assert not core.is_leader(2.0)
+    assert core.held_term == 1
+    assert core.next_round_at <= 2.0 + core.backoff_base
+
+
+def test_resign_releases_and_waits_a_poll_before_bidding() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, won(3))
+    assert core.resign(1.0) == 3
+    assert not core.is_leader(1.0)
+    assert core.next_round_at >= 1.0 + (1 - JITTER) * INTERVAL
+
+
+def test_close_returns_held_term_even_when_untrusted() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, won(4))
+    core.start_round(1.0)
+    core.round_failed(1.1)
+    assert core.close() == 4
+    with pytest.raises(CoreError):
+        core.start_round(2.0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda c: c.round_succeeded(1.0, won(1)),  # no round in progress
+        lambda c: c.round_failed(1.0),
+        lambda c: (c.start_round(1.0), c.start_round(1.0)),  # two rounds at once
+        lambda c: (c.start_round(5.0), c.round_succeeded(4.0, won(1))),  # time backwards
+        lambda c: (c.start_round(1.0), c.round_succeeded(1.1, ElectionOutcome(term=1))),
+    ],
+)
+def test_illegal_input_raises_and_leaves_state_unchanged(bad: object) -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, won(1))
+    before = (core.tenure, core.next_round_at, core.failures)
+    with pytest.raises(CoreError):
+        bad(core)  # type: ignore[operator]
+    assert (core.tenure, core.next_round_at, core.failures) == before
+
+
+def test_invalid_parameters() -> None:
+    with pytest.raises(CoreError):
+        ElectionCore(interval=1.0, leader_boost=2, trust_margin=0.01, statement_timeout=0.9)
+    with pytest.raises(CoreError):
+        ElectionCore(interval=-1.0, leader_boost=2, trust_margin=0.0, statement_timeout=0.1)
+
+
+def test_payload_round_trip_and_tolerant_parsing() -> None:
+    payload = down_payload("default", 7, "abc")
+    assert parse_notification(payload) == Down(name="default", term=7, sender="abc")
+    for junk in [
+        "",
+        "not json",
+        "[1, 2]",
+        '{"down": 1, "sender": "x"}',
+        '{"down": "n"}',
+        '{"down": "n", "sender": "s", "term": "7"}',
+        '{"down": "n", "sender": "s", "term": true}',
+        '"just a string"',
+        "\x00\xff",
+    ]:
+        assert parse_notification(junk) is None
+    assert parse_notification('{"down": "n", "sender": "s"}') == Down("n", None, "s")
+
+
+def test_trusted_until_is_minus_inf_without_tenure() -> None:
+    assert make_core().trusted_until == -math.inf
