@@ -387,3 +387,53 @@ async def fetch_status(
             await _aio(_aio_check_table)(conn, sql, connect_timeout)
             rows: list[Record] = await _aio(conn.fetch)(sql.status, timeout=connect_timeout)
     return [dict(r.items()) for r in rows]
+
+
+@asynccontextmanager
+async def open_status_listener(
+    dsn: str,
+    *,
+    on_notification: Callable[[str], None],
+    on_lost: Callable[[], None],
+    prefix: str = "public",
+    table: str = "trio_peers",
+    connect_timeout: float = 10.0,
+) -> AsyncIterator[Callable[[], Awaitable[list[Mapping[str, object]]]]]:
+    """Trio-flavoured: one connection that LISTENs on a lease table's channel (``trio-peers watch``).
+
+    Checks the table, then LISTENs. ``on_notification(payload)`` and ``on_lost()``
+    are called from the loop's callbacks: they must not block (exceptions are
+    logged, never raised into the loop). Yields an async function that returns the
+    table's rows as :func:`fetch_status` does, over this same connection.
+    """
+    from ._config import channel_for
+
+    check_identifier("prefix", prefix)
+    check_identifier("table", table)
+    sql = Statements(prefix, table)
+    channel = channel_for(prefix, table)
+
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+        try:  # MUST NOT raise (pitfall P1)
+            on_notification(str(payload))
+        except Exception:  # pragma: no cover - the callers' callbacks do not raise
+            log.exception("trio-peers status notification callback failed")
+
+    def on_terminate(_conn: object) -> None:
+        try:
+            on_lost()
+        except Exception:  # pragma: no cover
+            log.exception("trio-peers status connection-lost callback failed")
+
+    async with connect_once(dsn, connect_timeout=connect_timeout) as conn:
+        with _mapped():
+            await _aio(_aio_check_table)(conn, sql, connect_timeout)
+            await _aio(conn.add_listener)(channel, on_notify)
+        conn.add_termination_listener(on_terminate)
+
+        async def poll() -> list[Mapping[str, object]]:
+            with _mapped():
+                rows: list[Record] = await _aio(conn.fetch)(sql.status, timeout=connect_timeout)
+            return [dict(r.items()) for r in rows]
+
+        yield poll
