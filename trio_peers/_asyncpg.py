@@ -19,6 +19,7 @@ Rules that keep asyncpg safe under trio-asyncio (see the project's DRIVER notes)
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -35,6 +36,7 @@ from ._config import PeerConfig, check_identifier
 from ._core import ElectionOutcome, down_payload
 from ._exceptions import BackendMisconfigured, BackendUnavailable, SchemaError, TableMissing
 from ._sql import MIGRATE_LOCK_KEY, Statements, shape_problems
+from ._util import raise_single
 
 if TYPE_CHECKING:
     from asyncpg import Connection, Record
@@ -64,9 +66,16 @@ _UNAVAILABLE: Final = (
 )
 
 
-def _aio(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Typed ``aio_as_trio``: call an asyncio-flavoured coroutine function from Trio."""
-    wrapped: Callable[..., Awaitable[T]] = trio_asyncio.aio_as_trio(fn)
+def _aio(
+    fn: Callable[..., Awaitable[T]], loop: asyncio.AbstractEventLoop | None = None
+) -> Callable[..., Awaitable[T]]:
+    """Typed ``aio_as_trio``: call an asyncio-flavoured coroutine function from Trio.
+
+    With ``loop``, the call runs on that loop whatever the calling task's current
+    loop is: a peer's loop is private, and the user's code may run in a task
+    that has no loop, or a loop of its own.
+    """
+    wrapped: Callable[..., Awaitable[T]] = trio_asyncio.aio_as_trio(fn, loop=loop)
     return wrapped
 
 
@@ -102,11 +111,18 @@ def _log_asyncio_error(loop: object, context: Mapping[str, object]) -> None:
 
 
 @asynccontextmanager
-async def open_asyncio_loop() -> AsyncIterator[None]:
-    """Trio-flavoured: a private trio-asyncio loop with a logging exception handler."""
-    async with trio_asyncio.open_loop() as loop:
-        loop.set_exception_handler(_log_asyncio_error)
-        yield
+async def open_asyncio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
+    """Trio-flavoured: a private trio-asyncio loop with a logging exception handler.
+
+    trio-asyncio wraps what the body raises in an ExceptionGroup; a single
+    exception is unwrapped so callers see ``SchemaError``, not a group.
+    """
+    try:
+        async with trio_asyncio.open_loop() as loop:
+            loop.set_exception_handler(_log_asyncio_error)
+            yield loop
+    except BaseExceptionGroup as group:
+        raise_single(group)
 
 
 # ---------------------------------------------------------------------- asyncio side
@@ -115,7 +131,15 @@ async def open_asyncio_loop() -> AsyncIterator[None]:
 async def _aio_connect(dsn: str, connect_timeout: float) -> Connection:
     """asyncio-flavoured: open one connection."""
     conn: Connection = await asyncpg.connect(
-        dsn, timeout=connect_timeout, server_settings={"application_name": _APPLICATION_NAME}
+        dsn,
+        timeout=connect_timeout,
+        server_settings={
+            "application_name": _APPLICATION_NAME,
+            # Lease and term changes must be durable before a peer acts on them,
+            # even on a server that defaults to asynchronous commit: a lost
+            # commit after a crash could hand out the same term twice.
+            "synchronous_commit": "on",
+        },
     )
     return conn
 
@@ -195,7 +219,14 @@ async def _aio_migrate(conn: Connection, sql: Statements, unlogged: bool) -> boo
 class AsyncpgConnection:
     """Trio-flavoured wrapper of one asyncpg connection of one peer."""
 
-    def __init__(self, prepared: _Prepared, config: PeerConfig, sql: Statements) -> None:
+    def __init__(
+        self,
+        prepared: _Prepared,
+        config: PeerConfig,
+        sql: Statements,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._loop = loop
         self._conn = prepared.conn
         self._elect = prepared.elect
         self._release = prepared.release
@@ -207,7 +238,7 @@ class AsyncpgConnection:
         self, *, node: str, held_term: int | None, statement_timeout: float
     ) -> ElectionOutcome:
         with _mapped():
-            row: Record | None = await _aio(self._elect.fetchrow)(
+            row: Record | None = await _aio(self._elect.fetchrow, self._loop)(
                 self._config.name, node, self._lease, held_term, timeout=statement_timeout
             )
         if row is None:  # pragma: no cover - the SELECT always returns one row
@@ -227,7 +258,7 @@ class AsyncpgConnection:
     ) -> bool:
         payload = down_payload(self._config.name, term, sender)
         with _mapped():
-            rows = await _aio(self._release.fetch)(
+            rows = await _aio(self._release.fetch, self._loop)(
                 self._config.name,
                 node,
                 term,
@@ -239,14 +270,14 @@ class AsyncpgConnection:
 
     async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:
         with _mapped():
-            row: Record | None = await _aio(self._conn.fetchrow)(
+            row: Record | None = await _aio(self._conn.fetchrow, self._loop)(
                 self._sql.get_leader, self._config.name, timeout=statement_timeout
             )
         return None if row is None else _leader_info(row)
 
     async def aclose(self) -> None:
         with _mapped():
-            await _aio(self._conn.close)()
+            await _aio(self._conn.close, self._loop)()
 
     def abort(self) -> None:
         self._conn.terminate()
@@ -266,8 +297,9 @@ def _leader_info(row: Record) -> LeaderInfo:
 class AsyncpgConnector:
     """Trio-flavoured: opens peer connections inside an open trio-asyncio loop."""
 
-    def __init__(self, config: PeerConfig) -> None:
+    def __init__(self, config: PeerConfig, loop: asyncio.AbstractEventLoop) -> None:
         self._config = config
+        self._loop = loop
         self._sql = Statements(config.prefix, config.table)
 
     async def connect(
@@ -290,10 +322,10 @@ class AsyncpgConnector:
                 log.exception("trio-peers connection-lost callback failed")
 
         with _mapped(connecting=True):
-            prepared = await _aio(_aio_open_peer_connection)(
+            prepared = await _aio(_aio_open_peer_connection, self._loop)(
                 self._config, self._sql, on_notify, on_terminate
             )
-        return AsyncpgConnection(prepared, self._config, self._sql)
+        return AsyncpgConnection(prepared, self._config, self._sql, self._loop)
 
 
 @final
@@ -306,8 +338,8 @@ class AsyncpgBackend:
 
     @asynccontextmanager
     async def _open(self, config: PeerConfig) -> AsyncIterator[BackendConnector]:
-        async with open_asyncio_loop():
-            yield AsyncpgConnector(config)
+        async with open_asyncio_loop() as loop:
+            yield AsyncpgConnector(config, loop)
 
     def open(self, config: PeerConfig) -> AbstractAsyncContextManager[BackendConnector]:
         return self._open(config)

@@ -20,7 +20,7 @@ import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final, Literal, TypeVarTuple, Unpack, final
 
 import attrs
@@ -37,7 +37,7 @@ from ._exceptions import (
     SchemaError,
     TableMissing,
 )
-from ._util import NoPublicConstructor
+from ._util import NoPublicConstructor, raise_single
 
 log: Final = logging.getLogger("trio_peers")
 
@@ -173,7 +173,8 @@ class Peer(metaclass=NoPublicConstructor):
         self._table_missing_logged = False
         self._closing = False
         self._closed = False
-        self._entered = False
+        self._stop_requested = trio.Event()
+        self._served = trio.Event()
 
     # ------------------------------------------------------------------ public API
 
@@ -627,12 +628,36 @@ class Peer(metaclass=NoPublicConstructor):
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def _start(self, nursery: trio.Nursery, connector: BackendConnector) -> None:
-        self._connector = connector
-        self._entered = True
-        await nursery.start(self._watchdog)
-        await nursery.start(self._listener)
-        await nursery.start(self._election_loop)
+    async def _serve(
+        self,
+        backend: PeerBackend,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The peer's main task: backend resources, the three tasks, and shutdown.
+
+        It runs in a task of its own so that whatever the backend puts in the
+        context (trio-asyncio's current loop, for asyncpg) never leaks into the
+        user's ``async with`` body.
+        """
+        try:
+            async with self._open_backend(backend) as connector, trio.open_nursery() as nursery:
+                self._connector = connector
+                try:
+                    await nursery.start(self._watchdog)
+                    await nursery.start(self._listener)
+                    await nursery.start(self._election_loop)
+                    task_status.started()
+                    await self._stop_requested.wait()
+                finally:
+                    with trio.move_on_after(_shutdown_bound(self._config), shield=True):
+                        await self._stop()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._served.set()
+
+    def _open_backend(self, backend: PeerBackend) -> AbstractAsyncContextManager[BackendConnector]:
+        return backend.open(self._config)
 
     async def _release(self, term: int) -> bool:
         """Release ``term`` (caller holds the connection lock). Never raises for faults."""
@@ -708,33 +733,6 @@ def _fn_name(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """One exception for the user (trio-websocket's rules).
-
-    A single non-Cancelled exception is raised as itself; all-Cancelled raises
-    one Cancelled; a KeyboardInterrupt wins; anything else stays a group.
-    """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for sub in exc.exceptions:
-                walk(sub)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for leaf in leaves:
-        if isinstance(leaf, KeyboardInterrupt):
-            return leaf
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    if not real:
-        return leaves[0]
-    if len(real) == 1:
-        return real[0]
-    return group
-
-
 def _shutdown_bound(config: PeerConfig) -> float:
     # leader-work grace + release + close, each bounded by cleanup_timeout, plus slack.
     return 3 * config.cleanup_timeout + config.effective_statement_timeout + 1.0
@@ -781,21 +779,14 @@ async def open_peer(
         backend = AsyncpgBackend()
     peer = Peer._create(config)
     try:
-        async with backend.open(config) as connector, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(peer._serve, backend)
             try:
-                await peer._start(nursery, connector)
                 yield peer
             finally:
-                with trio.move_on_after(_shutdown_bound(config), shield=True):
-                    await peer._stop()
+                peer._stop_requested.set()
+                with trio.move_on_after(_shutdown_bound(config) + 1.0, shield=True):
+                    await peer._served.wait()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        exc = _unwrap(group)
-        if exc is group:
-            raise
-        context = exc.__context__
-        try:
-            raise exc
-        finally:
-            exc.__context__ = context
-            del exc, group
+        raise_single(group)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from abc import ABCMeta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
+
+import trio
 
 T = TypeVar("T")
 
@@ -29,3 +31,43 @@ def fixup_module_metadata(module_name: str, namespace: dict[str, object]) -> Non
                 obj.__module__ = module_name
             except (AttributeError, TypeError):  # pragma: no cover - builtins
                 continue
+
+
+def unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a user should see for ``group`` (trio-websocket's rules).
+
+    A single non-Cancelled exception is returned as itself; all-Cancelled
+    returns one Cancelled; a KeyboardInterrupt wins; anything else stays the group.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt):
+            return leaf
+    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if not real:
+        return leaves[0]
+    if len(real) == 1:
+        return real[0]
+    return group
+
+
+def raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise :func:`unwrap` of ``group``, keeping the exception's own context."""
+    exc = unwrap(group)
+    if exc is group:
+        raise group
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, group

@@ -1,0 +1,570 @@
+"""open_peer against a real PostgreSQL (started by the suite): semantics, regressions, faults.
+
+Real clock, short intervals, and every wait bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+
+import asyncpg
+import pytest
+import trio
+import trio.testing
+
+from trio_peers import (
+    BackendMisconfigured,
+    BackendUnavailable,
+    Peer,
+    PeerConfig,
+    SchemaError,
+    migrate,
+    open_peer,
+)
+from trio_peers._asyncpg import _mapped
+from trio_peers.testing import PostgresServer
+
+from ._pgutil import (
+    SQL,
+    Proxy,
+    Recorder,
+    assert_no_overlap,
+    open_sql,
+    peer_in_task,
+    run_peer,
+    wait_for,
+)
+
+INTERVAL = 1.0
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def dsn(pg_dsn: str) -> str:
+    await migrate(pg_dsn)
+    return pg_dsn
+
+
+def cfg(dsn: str, node: str, **kw: object) -> PeerConfig:
+    args: dict[str, object] = {"dsn": dsn, "interval": INTERVAL, "node": node, **kw}
+    return PeerConfig(**args)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- basics
+
+
+async def test_leads_renews_and_hands_over_gracefully(dsn: str) -> None:
+    async with open_sql(dsn) as sql, trio.open_nursery() as nursery:
+        async with peer_in_task(nursery, cfg(dsn, "a")) as (a, stop_a):
+            assert a.is_leader and a.term == 1
+            async with open_peer(cfg(dsn, "b")) as b:
+                assert not b.is_leader
+                first = await sql.row()
+                await trio.sleep(INTERVAL * 1.5)  # several renewals
+                later = await sql.row()
+                assert later["term"] == 1 and later["node"] == "a"
+                assert later["expires_at"] > first["expires_at"]
+                assert later["started_at"] == first["started_at"]
+                stop_a.set()
+                assert await b.wait_leader() == 2
+
+
+async def test_lease_times_come_from_the_database_clock(dsn: str) -> None:
+    async with open_sql(dsn) as sql:
+        before = await sql.fetchval("SELECT clock_timestamp()")
+        async with open_peer(cfg(dsn, "a", interval=7.5)) as a:
+            assert a.is_leader
+            after = await sql.fetchval("SELECT clock_timestamp()")
+            row = await sql.row()
+            assert before <= row["started_at"] <= after
+            # The interval is sent as a duration and added on the server.
+            assert row["expires_at"] - row["started_at"] == datetime.timedelta(seconds=7.5)
+            info = await a.get_leader()
+            assert info is not None
+            assert (info.node, info.term) == ("a", 1)
+            assert info.expires_at.tzinfo is not None
+
+
+async def test_entry_raises_for_permanent_misconfiguration(pg_dsn: str) -> None:
+    await migrate(pg_dsn)
+    base = pg_dsn.rsplit("/", 1)[0]
+    with pytest.raises(BackendMisconfigured, match="does not exist"):
+        async with open_peer(cfg(base + "/no_such_database", "a")):
+            pass  # pragma: no cover
+    with pytest.raises(BackendMisconfigured):
+        async with open_peer(cfg(pg_dsn.replace("postgres@", "no_such_role@"), "a")):
+            pass  # pragma: no cover
+    with pytest.raises(BackendMisconfigured, match="DSN"):
+        async with open_peer(cfg("postgresql://127.0.0.1:notaport/x", "a")):
+            pass  # pragma: no cover
+
+
+async def test_unreachable_at_entry_is_follower_then_leads(dsn: str, pg: PostgresServer) -> None:
+    await trio.to_thread.run_sync(pg.stop)
+    try:
+        async with open_peer(cfg(dsn, "a")) as a:
+            assert not a.is_leader
+            assert a.statistics().last_error is not None
+            assert not a.statistics().connected
+            await trio.to_thread.run_sync(pg.start_again)
+            with trio.fail_after(INTERVAL * 3):
+                await a.wait_leader()
+    finally:
+        if not pg.is_running:
+            await trio.to_thread.run_sync(pg.start_again)
+
+
+async def test_missing_table_warns_and_leads_after_migrate(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="trio_peers"):
+        async with open_peer(cfg(pg_dsn, "a")) as a:
+            assert not a.is_leader
+            await migrate(pg_dsn)
+            with trio.fail_after(INTERVAL * 3):
+                await a.wait_leader()
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(messages) == 1
+    assert "migrate" in messages[0] and "public.trio_peers" in messages[0]
+
+
+@pytest.mark.parametrize(
+    "ddl",
+    [
+        "CREATE TABLE public.trio_peers (name text, node text, term bigint, "
+        "started_at timestamptz, expires_at timestamptz)",  # no primary key (oban#933)
+        "CREATE TABLE public.trio_peers (name text PRIMARY KEY, node text, "
+        "started_at timestamptz, expires_at timestamptz)",  # no term column
+        "CREATE TABLE public.trio_peers (name text PRIMARY KEY, node text, term int, "
+        "started_at timestamp, expires_at timestamptz)",  # wrong types
+    ],
+)
+async def test_wrong_table_shape_is_a_clear_error_at_entry(pg_dsn: str, ddl: str) -> None:
+    async with open_sql(pg_dsn) as sql:
+        await sql.execute(ddl)
+    with pytest.raises(SchemaError, match="cannot hold trio-peers leases"):
+        async with open_peer(cfg(pg_dsn, "a")):
+            pass  # pragma: no cover
+    with pytest.raises(SchemaError):
+        await migrate(pg_dsn)
+
+
+async def test_migrate_is_idempotent_and_safe_concurrently(pg_dsn: str) -> None:
+    results: list[bool] = []
+
+    async def run() -> None:
+        results.append(await migrate(pg_dsn, prefix="app", table="leases"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(6):
+            nursery.start_soon(run)
+    assert sorted(results) == [False] * 5 + [True]
+    assert await migrate(pg_dsn, prefix="app", table="leases") is False
+    async with open_sql(pg_dsn) as sql:
+        persistence = await sql.fetchval(
+            "SELECT relpersistence FROM pg_class WHERE oid = 'app.leases'::regclass"
+        )
+        assert persistence == b"p"  # logged by default: terms survive a crash-restart
+
+
+async def test_migrate_unlogged_option(pg_dsn: str) -> None:
+    await migrate(pg_dsn, table="fast_leases", unlogged=True)
+    async with open_sql(pg_dsn) as sql:
+        kind = await sql.fetchval(
+            "SELECT relpersistence FROM pg_class WHERE oid = 'public.fast_leases'::regclass"
+        )
+        assert kind == b"u"
+
+
+# ---------------------------------------------------------------------- regressions
+
+
+async def test_oban_1488_rollback_then_takeover_never_renews_the_new_holder(dsn: str) -> None:
+    """A failed (rolled back) round, a takeover meanwhile, then the old leader's rounds."""
+    async with open_sql(dsn) as sql, open_sql(dsn) as locker, open_peer(cfg(dsn, "a")) as a:
+        assert a.is_leader
+        # Lock the row so a's renewal times out: a must concede at once...
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT * FROM public.trio_peers FOR UPDATE")
+        await wait_for(lambda: not a.is_leader, limit=INTERVAL * 2)
+        # ...while another node takes the lease over (as Oban's take_over helper does).
+        await locker.execute(
+            "UPDATE public.trio_peers SET node = 'b', term = term + 1, started_at = now(), "
+            "expires_at = now() + interval '30 seconds'"
+        )
+        await locker.execute("COMMIT")
+        taken = await sql.row()
+        rounds = a.statistics().elections_run
+        await wait_for(lambda: a.statistics().elections_run >= rounds + 3, limit=INTERVAL * 3)
+        # a kept bidding with its old term: it neither renewed b's row nor leads.
+        assert not a.is_leader
+        now = await sql.row()
+        assert (now["node"], now["term"], now["expires_at"]) == ("b", 2, taken["expires_at"])
+
+
+async def test_oban_1488_a_renewal_cannot_extend_another_nodes_row(dsn: str) -> None:
+    async with open_sql(dsn) as sql, open_peer(cfg(dsn, "a")) as a:
+        assert a.is_leader
+        # Someone else's tenure replaces a's (as after a takeover), same term value.
+        await sql.execute("UPDATE public.trio_peers SET node = 'other'")
+        before = await sql.row()
+        await wait_for(lambda: not a.is_leader, limit=INTERVAL * 2)
+        after = await sql.row()
+        assert after["node"] == "other"
+        assert after["expires_at"] == before["expires_at"]  # untouched
+
+
+async def test_oban_py_32_same_node_value_never_both_lead(dsn: str) -> None:
+    rec = Recorder()
+    async with trio.open_nursery() as nursery:
+        async with peer_in_task(nursery, cfg(dsn, "web-1")) as (a, stop_a):
+            async with open_peer(cfg(dsn, "web-1")) as b:
+                nursery.start_soon(rec.watch, a)
+                nursery.start_soon(rec.watch, b)
+                for _ in range(10):
+                    await trio.sleep(INTERVAL / 4)
+                    assert not (a.is_leader and b.is_leader)
+                assert a.is_leader
+                t0 = trio.current_time()
+                stop_a.set()
+                await b.wait_leader()  # fast handover works between equal node values
+                assert trio.current_time() - t0 < INTERVAL / 2
+                nursery.cancel_scope.cancel()
+    assert_no_overlap(rec.intervals())
+
+
+async def test_river_286_own_notify_is_ignored(dsn: str) -> None:
+    async with open_sql(dsn) as sql, open_peer(cfg(dsn, "a", interval=30.0)) as a:
+        async with open_peer(cfg(dsn, "b", interval=30.0)) as b:
+            assert await a.resign()
+            await b.wait_leader()
+            assert not a.is_leader
+            assert (await sql.row())["node"] == "b"
+            stats = a.statistics()
+            assert stats.notifications_ignored >= 1  # its own "down"
+
+
+async def test_river_134_notify_wakes_followers_in_milliseconds(dsn: str) -> None:
+    # With a 30 s interval, only the NOTIFY path can hand over this fast.
+    latencies = []
+    async with trio.open_nursery() as nursery:
+        async with open_peer(cfg(dsn, "b", interval=30.0)) as b:
+            for i in range(5):
+                if b.is_leader:
+                    await b.resign()
+                async with peer_in_task(nursery, cfg(dsn, f"a{i}", interval=30.0)) as (a, stop):
+                    await a.wait_leader()
+                    t0 = trio.current_time()
+                    stop.set()
+                    await b.wait_leader()
+                    latencies.append(trio.current_time() - t0)
+    print("graceful handover latencies (ms):", [round(x * 1000, 2) for x in latencies])
+    assert max(latencies) < 1.0
+
+
+async def test_notify_channel_is_derived_and_end_to_end(dsn: str) -> None:
+    await migrate(dsn, prefix="custom", table="my_leases")
+    config = cfg(dsn, "x", prefix="custom", table="my_leases")
+    assert config.channel == "custom.my_leases"
+    async with open_sql(dsn) as sql:
+        got: list[str] = []
+
+        def listener(*args: object) -> None:
+            got.append(str(args[-1]))
+
+        await trio_asyncio_add_listener(sql, "custom.my_leases", listener)
+        async with open_peer(config) as p:
+            assert p.is_leader
+        await wait_for(lambda: len(got) == 1)
+        assert '"down":"default"' in got[0]
+
+
+async def trio_asyncio_add_listener(sql: SQL, channel: str, cb: object) -> None:
+    await sql.aio(sql.conn.add_listener)(channel, cb)
+
+
+# ---------------------------------------------------------------------- shutdown
+
+
+async def test_cancelled_outer_scope_still_releases_and_notifies(dsn: str) -> None:
+    async with open_sql(dsn) as sql, trio.open_nursery() as nursery:
+        with trio.CancelScope() as outer:
+            async with open_peer(cfg(dsn, "a", interval=30.0)) as a:
+                assert a.is_leader
+                b, stop_b = await nursery.start(run_peer, cfg(dsn, "b", interval=30.0))
+                assert not b.is_leader
+                outer.cancel()
+                await trio.sleep_forever()
+        assert outer.cancelled_caught
+        with trio.fail_after(2):  # by NOTIFY, not after the 30 s interval
+            await b.wait_leader()
+        row = await sql.row()
+        assert (row["node"], row["term"]) == ("b", 2)
+        stop_b.set()
+
+
+async def test_hung_backend_during_cleanup_is_abandoned_after_cleanup_timeout(dsn: str) -> None:
+    async with open_sql(dsn) as locker:
+        async with open_peer(cfg(dsn, "a", cleanup_timeout=0.5, interval=30.0)) as a:
+            assert a.is_leader
+            await locker.execute("BEGIN")
+            await locker.execute("SELECT * FROM public.trio_peers FOR UPDATE")  # release blocks
+            t0 = trio.current_time()
+        elapsed = trio.current_time() - t0
+        await locker.execute("ROLLBACK")
+        assert 0.5 <= elapsed < 3 * 0.5 + 1.0
+
+
+async def test_body_exception_propagates_unwrapped_after_release(dsn: str) -> None:
+    async with open_sql(dsn) as sql:
+        led = False
+        with pytest.raises(ZeroDivisionError):  # noqa: PT012
+            async with open_peer(cfg(dsn, "a")) as a:
+                led = a.is_leader
+                _ = 1 / 0
+        assert led
+        assert (await sql.row())["live"] is False
+
+
+# ---------------------------------------------------------------------- terms
+
+
+async def test_term_strictly_increases_across_resign_expiry_and_restart(
+    dsn: str, pg: PostgresServer
+) -> None:
+    terms: list[int] = []
+    async with open_sql(dsn) as sql:
+        async with open_peer(cfg(dsn, "a")) as a:
+            terms.append(await a.wait_leader())
+            await a.resign()  # 1. resign
+        async with open_peer(cfg(dsn, "b")) as b:
+            terms.append(await b.wait_leader())
+        # 2. expiry: a lease nobody renews, taken over
+        await sql.expire()
+        async with open_peer(cfg(dsn, "c")) as c:
+            terms.append(await c.wait_leader())
+            await sql.expire()
+            await wait_for(lambda: c.term not in (None, terms[-1]), limit=INTERVAL * 3)
+            terms.append(await c.wait_leader())
+    # 3. an immediate-mode (crash-like) restart of PostgreSQL
+    await trio.to_thread.run_sync(lambda: pg.restart(mode="immediate"))
+    async with open_peer(cfg(dsn, "d")) as d:
+        terms.append(await d.wait_leader())
+    assert terms == sorted(set(terms)), terms
+    assert len(terms) == 5
+
+
+async def test_get_leader_is_none_when_expired(dsn: str) -> None:
+    async with open_sql(dsn) as sql, open_peer(cfg(dsn, "a", interval=30.0)) as a:
+        assert (await a.get_leader()) is not None
+        await a.resign()
+        assert (await a.get_leader()) is None
+        assert (await sql.row())["live"] is False
+
+
+# ---------------------------------------------------------------------- lease safety
+
+
+async def test_paused_leader_reports_false_before_its_lease_can_be_taken(dsn: str) -> None:
+    """The leader's renewal is blocked; it must distrust before the DB lease ends."""
+    async with open_sql(dsn) as sql, open_sql(dsn) as locker:
+        config = cfg(dsn, "a", interval=2.0, leader_boost=1.0, statement_timeout=1.0)
+        async with open_peer(config) as a:
+            changes = a.leadership()
+            assert (await changes.receive()).is_leader
+            await locker.execute("BEGIN")
+            await locker.execute("SELECT * FROM public.trio_peers FOR UPDATE")
+            lost = await changes.receive()
+            assert not lost.is_leader and not a.is_leader
+            still_valid = await sql.fetchval(
+                "SELECT expires_at > now() FROM public.trio_peers WHERE name = 'default'"
+            )
+            await locker.execute("ROLLBACK")
+            assert still_valid is True
+
+
+async def test_no_overlap_with_churn(dsn: str) -> None:
+    rec = Recorder()
+    async with trio.open_nursery() as nursery:
+        peers = [await nursery.start(_run_recorded, cfg(dsn, f"n{i}"), rec) for i in range(3)]
+        for i in range(3, 7):
+            leader = next((p for p in peers if p[0].is_leader), None)
+            if leader is not None:
+                leader[1].set()
+                peers.remove(leader)
+                peers.append(await nursery.start(_run_recorded, cfg(dsn, f"n{i}"), rec))
+            await wait_for(lambda: any(p[0].is_leader for p in peers), limit=INTERVAL * 3)
+        for _, stop in peers:
+            stop.set()
+    intervals = rec.intervals()
+    assert_no_overlap(intervals)
+    assert all(iv[3] != math.inf for iv in intervals)  # every tenure's end was observed
+    assert len({iv[1] for iv in intervals}) >= 4
+
+
+async def _run_recorded(
+    config: PeerConfig,
+    rec: Recorder,
+    *,
+    task_status: trio.TaskStatus[tuple[Peer, trio.Event]],
+) -> None:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        async with open_peer(config) as peer:
+            nursery.start_soon(rec.watch, peer)  # ends by itself when the peer closes
+            task_status.started((peer, stop))
+            await stop.wait()
+
+
+# ---------------------------------------------------------------------- faults
+
+
+async def test_terminated_backend_steps_down_logs_once_and_resumes(
+    dsn: str, pg: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="trio_peers"):
+        async with open_peer(cfg(dsn, "a")) as a:
+            changes = a.leadership()
+            first = await changes.receive()
+            assert first.is_leader
+            killed = await trio.to_thread.run_sync(
+                lambda: pg.terminate_backends(application_name="trio-peers")
+            )
+            assert killed >= 1
+            await wait_for(lambda: a.statistics().connects == 2 and a.is_leader)
+            latest = await changes.receive()
+            # It stepped down (one skipped state) and resumed the same tenure.
+            assert latest.is_leader and latest.term == first.term
+            assert latest.version == first.version + 2
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "connection lost" in warnings[0].getMessage()
+    infos = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    assert "gained by a (term 1)" in infos and "lost by a (term 1)" in infos
+
+
+async def test_server_restart_steps_down_and_recovers(dsn: str, pg: PostgresServer) -> None:
+    async with open_peer(cfg(dsn, "a")) as a, open_peer(cfg(dsn, "b")) as b:
+        assert a.is_leader
+        await trio.to_thread.run_sync(lambda: pg.restart(mode="fast"))
+        await wait_for(lambda: a.is_leader or b.is_leader, limit=INTERVAL * 4)
+        assert not (a.is_leader and b.is_leader)
+        assert a.statistics().elections_failed + b.statistics().elections_failed >= 1
+
+
+async def test_silent_partition_times_out_steps_down_and_recovers(
+    dsn: str, pg: PostgresServer
+) -> None:
+    """No FIN, no RST: only statement timeouts notice (DRIVER P9: orphaned cancel requests)."""
+    proxy = Proxy(pg.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        proxied = dsn.replace(f":{pg.port}/", f":{proxy.port}/")
+        config = cfg(proxied, "a", connect_timeout=0.5)
+        async with open_peer(config) as a:
+            assert a.is_leader
+            proxy.partition()
+            await wait_for(lambda: not a.is_leader, limit=INTERVAL * 2)
+            assert "timed out" in (a.statistics().last_error or "")
+            await trio.sleep(INTERVAL)  # reconnect attempts time out, nothing crashes
+            proxy.heal()
+            with trio.fail_after(INTERVAL * 4):
+                await a.wait_leader()
+        nursery.cancel_scope.cancel()
+
+
+async def test_statement_timeout_means_follower(dsn: str) -> None:
+    async with open_sql(dsn) as locker, open_peer(cfg(dsn, "a")) as a:
+        assert a.is_leader
+        await locker.execute("BEGIN")
+        await locker.execute("LOCK TABLE public.trio_peers IN ACCESS EXCLUSIVE MODE")
+        await wait_for(lambda: not a.is_leader, limit=INTERVAL * 2)
+        await locker.execute("ROLLBACK")
+        await wait_for(lambda: a.is_leader, limit=INTERVAL * 2)
+
+
+async def test_malformed_notifications_never_crash_the_peer(dsn: str) -> None:
+    async with open_sql(dsn) as sql, open_peer(cfg(dsn, "a")) as a:
+        for payload in ["not json", "{}", '{"down": 5}', "[1,2]", '{"down":"default"}']:
+            await sql.execute("SELECT pg_notify('public.trio_peers', $1)", payload)
+        await wait_for(lambda: a.statistics().notifications_received >= 5)
+        assert a.statistics().notifications_ignored == 5
+        assert a.is_leader
+
+
+async def test_listen_false_still_elects_and_hands_over(dsn: str) -> None:
+    async with trio.open_nursery() as nursery:
+        async with peer_in_task(nursery, cfg(dsn, "a", listen=False)) as (a, stop):
+            async with open_peer(cfg(dsn, "b", listen=False)) as b:
+                assert a.is_leader
+                t0 = trio.current_time()
+                stop.set()
+                with trio.fail_after(INTERVAL * 2):
+                    await b.wait_leader()
+                assert trio.current_time() - t0 > 0.05  # by polling, not by NOTIFY
+
+
+async def test_names_and_schemas_do_not_interfere(dsn: str) -> None:
+    await migrate(dsn, prefix="other")
+    async with (
+        open_peer(cfg(dsn, "a", name="cron", interval=30.0)) as a,
+        open_peer(cfg(dsn, "b", name="pruner", interval=30.0)) as b,
+        open_peer(cfg(dsn, "c", prefix="other", name="cron", interval=30.0)) as c,
+        open_peer(cfg(dsn, "d", name="cron", interval=30.0)) as d,
+    ):
+        assert a.is_leader and b.is_leader and c.is_leader and not d.is_leader
+        heard_by_c = c.statistics().notifications_received
+        assert await b.resign()  # another name: d must not be woken
+        assert await a.resign()
+        with trio.fail_after(2):
+            await d.wait_leader()  # the NOTIFY reached public's listeners...
+        assert d.statistics().notifications_ignored >= 1  # (b's "pruner" down)
+        assert c.is_leader  # ...and not the other schema's
+        assert c.statistics().notifications_received == heard_by_c
+
+
+async def test_one_connection_per_peer(dsn: str) -> None:
+    async with open_sql(dsn) as sql:
+        async with open_peer(cfg(dsn, "a")), open_peer(cfg(dsn, "b")), open_peer(cfg(dsn, "c")):
+            await trio.sleep(INTERVAL)
+            count = await sql.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = 'trio-peers' AND datname = current_database()"
+            )
+            assert count == 3
+        await wait_for(lambda: _no_peer_connections(sql), limit=5)
+
+
+async def _no_peer_connections(sql: SQL) -> bool:
+    count = await sql.fetchval(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE application_name = 'trio-peers' AND datname = current_database()"
+    )
+    return bool(count == 0)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.exceptions.InternalClientError("cannot switch to state 12"),  # DRIVER P10
+        asyncpg.exceptions.ConnectionDoesNotExistError("closed in the middle"),
+        asyncpg.exceptions.AdminShutdownError("terminating connection"),
+        asyncpg.exceptions.CannotConnectNowError("the database system is starting up"),
+        ConnectionRefusedError(111, "refused"),
+        TimeoutError(),
+    ],
+)
+def test_driver_errors_that_mean_unavailable(exc: BaseException) -> None:
+    with pytest.raises(BackendUnavailable) as info, _mapped():
+        raise exc
+    assert info.value.__cause__ is exc
+
+
+def test_permanent_driver_errors() -> None:
+    with pytest.raises(BackendMisconfigured), _mapped(connecting=True):
+        raise asyncpg.exceptions.InvalidPasswordError("bad password")
+    with pytest.raises(BackendMisconfigured), _mapped(connecting=True):
+        raise ValueError("invalid DSN")
