@@ -357,7 +357,7 @@ async def test_terminate_backends(running: PostgresServer) -> None:
         try:
             for app in ("victim", "victim", "bystander"):
                 # One at a time, so the finally closes whatever did connect.
-                conns.append(  # noqa: PERF401
+                conns.append(
                     await aio_as_trio(asyncpg.connect)(
                         dsn, server_settings={"application_name": app}
                     )
