@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -440,11 +441,11 @@ def test_startup_failure_reports_log(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         "_SERVER_SETTINGS",
         (*_postgres._SERVER_SETTINGS, ("no_such_setting_xyz", "1")),
     )
-    before = set(Path(_postgres.tempfile.gettempdir()).glob("trio-peers-pg-*"))
+    before = set(Path(tempfile.gettempdir()).glob("trio-peers-pg-*"))
     with pytest.raises(PostgresServerError, match="no_such_setting_xyz") as info:
         PostgresServer.start()
     assert "Server log" in str(info.value)
-    after = set(Path(_postgres.tempfile.gettempdir()).glob("trio-peers-pg-*"))
+    after = set(Path(tempfile.gettempdir()).glob("trio-peers-pg-*"))
     assert after <= before
 
 
@@ -503,8 +504,11 @@ WATCHED_CHILD = textwrap.dedent(
 @postgres
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_watchdog_cleans_up_after_dead_process(sig: signal.Signals) -> None:
+    # The child must import the same trio_peers as this process.
+    package_root = str(Path(_postgres.__file__).parents[2])
+    env = {**os.environ, "PYTHONPATH": package_root}
     child = subprocess.Popen(
-        [sys.executable, "-c", WATCHED_CHILD], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", WATCHED_CHILD], stdout=subprocess.PIPE, text=True, env=env
     )
     try:
         assert child.stdout is not None

@@ -16,7 +16,8 @@ CHANNEL = "trio_peers_smoke"
 
 
 async def connect(dsn: str, conns: list[asyncpg.Connection]) -> asyncpg.Connection:
-    conn = await aio_as_trio(asyncpg.connect)(dsn, timeout=10)
+    # trio_asyncio is untyped: say what comes back.
+    conn: asyncpg.Connection = await aio_as_trio(asyncpg.connect)(dsn, timeout=10)
     conns.append(conn)  # closed by the caller's finally
     return conn
 
