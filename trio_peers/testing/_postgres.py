@@ -525,6 +525,18 @@ class _Registry:
             _templates.clear()
         with _usable_lock:
             _usable_bindirs.clear()
+        # Nothing is left for the watchdog to do: end it now rather than at interpreter exit.
+        with self._lock:
+            watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            with contextlib.suppress(OSError, ValueError):
+                if watchdog.stdin is not None:
+                    watchdog.stdin.close()
+            try:
+                watchdog.wait(10)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                watchdog.kill()
+                watchdog.wait()
 
 
 _registry = _Registry()
