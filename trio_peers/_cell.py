@@ -92,12 +92,15 @@ class LeadershipCell:
         self._changed = trio.Event()
 
     async def wait_newer(self, version: int) -> LeadershipChange | None:
-        """Wait until the value's version exceeds ``version``; ``None`` once closed."""
+        """Wait until the value's version exceeds ``version``; ``None`` once closed.
+
+        Does not checkpoint when there is news already: its callers checkpoint.
+        """
         while self._value.version <= version:
             if self._closed:
-                return None
+                return None  # noqa: ASYNC910
             await self._changed.wait()
-        return self._value
+        return self._value  # noqa: ASYNC910
 
     def open_channel(self) -> LeadershipChannel:
         return LeadershipChannel._create(self)

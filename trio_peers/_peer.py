@@ -368,6 +368,7 @@ class Peer(metaclass=NoPublicConstructor):
             try:
                 term = await self.wait_leader()
             except trio.ClosedResourceError:
+                await trio.lowlevel.checkpoint()
                 return
             failed: Exception | None = None
             with self._tenure_scope(term):
@@ -394,6 +395,7 @@ class Peer(metaclass=NoPublicConstructor):
     # ------------------------------------------------------------------ internals
 
     async def _wait_tenure_end(self, term: int) -> None:
+        await trio.lowlevel.checkpoint()
         while self.term == term and not self._closing:
             await self._cell.wait_newer(self._cell.value.version)
 
@@ -412,6 +414,7 @@ class Peer(metaclass=NoPublicConstructor):
 
     async def _await_leader_work(self) -> bool:
         """Wait for cancelled leader-only work. False if it overran ``cleanup_timeout``."""
+        await trio.lowlevel.checkpoint()
         with trio.move_on_after(self._config.cleanup_timeout, shield=True):
             while self._leader_scopes:
                 await next(iter(self._leader_scopes)).done.wait()
@@ -493,7 +496,8 @@ class Peer(metaclass=NoPublicConstructor):
 
     async def _ensure_connection(self) -> BackendConnection:
         if self._conn is not None:
-            return self._conn
+            # Hot path of every round: the caller awaits a statement right after.
+            return self._conn  # noqa: ASYNC910
         assert self._connector is not None
         gen = self._conn_gen + 1
         with trio.fail_after(self._config.connect_timeout + _GUARD_SLACK):
@@ -695,7 +699,7 @@ class Peer(metaclass=NoPublicConstructor):
                 exc,
             )
             self._drop_connection()
-        return False
+        return False  # noqa: ASYNC910 - every path awaited a statement (or raised from one)
 
     async def _stop(self) -> None:
         """Shutdown, run shielded by the caller: loop, work, release, close."""
@@ -716,6 +720,7 @@ class Peer(metaclass=NoPublicConstructor):
         self._closed = True
 
     async def _close_connection(self) -> None:
+        await trio.lowlevel.checkpoint()
         conn, self._conn = self._conn, None
         self._conn_gen += 1
         if conn is None:
