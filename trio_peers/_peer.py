@@ -136,6 +136,7 @@ class LeaderScope:
         self.lost: bool = False
         """True once the tenure ended while the block ran."""
         self.done = trio.Event()
+        """Set when the block has finished (after any cancellation)."""
 
 
 @final

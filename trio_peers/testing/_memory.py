@@ -70,9 +70,14 @@ class MemoryBackend:
         self.tables: set[tuple[str, str]] = set(tables)
         """Existing ``(prefix, table)`` pairs. Default: the default table only."""
         self.available = True
+        """False: connecting and statements fail with :exc:`~trio_peers.BackendUnavailable`.
+        Use :meth:`set_available` to also drop the open connections."""
         self.hang = False
+        """True: statements block until the caller's statement timeout."""
         self.deliver_notifications = True
+        """False: NOTIFY payloads are dropped, as behind a pooler in transaction mode."""
         self.statement_delay = 0.0
+        """Seconds each statement waits (on Trio's clock) before it runs."""
         self.statements = 0
         """How many statements ran (elect, release, get_leader)."""
         self._connections: set[_MemoryConnection] = set()
@@ -117,6 +122,7 @@ class MemoryBackend:
     # ------------------------------------------------------------------ backend protocol
 
     def open(self, config: PeerConfig) -> AbstractAsyncContextManager[BackendConnector]:
+        """The :class:`~trio_peers.PeerBackend` method: :func:`~trio_peers.open_peer` calls it."""
         return self._open(config)
 
     @asynccontextmanager
@@ -174,6 +180,8 @@ class MemoryBackend:
                 conn.deliver(payload)
 
     def get_leader_now(self, config: PeerConfig) -> LeaderInfo | None:
+        """The unexpired lease of ``config.name`` now, as :meth:`Peer.get_leader
+        <trio_peers.Peer.get_leader>` reports it (timestamps count from 2000-01-01 UTC)."""
         row = self.leader(config.name, prefix=config.prefix, table=config.table)
         if row is None:
             return None
