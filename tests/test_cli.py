@@ -38,10 +38,20 @@ from trio_peers._cli import (
 REPO_ROOT = Path(trio_peers.__file__).resolve().parent.parent
 
 
+def importable_env(env: dict[str, str]) -> dict[str, str]:
+    """PYTHONPATH that lets a child ``python -m trio_peers`` import this trio_peers.
+
+    Only needed when it runs from a source tree; an installed package (nox) is found anyway.
+    """
+    if REPO_ROOT.name in ("site-packages", "dist-packages"):
+        return {}
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)}
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for a CLI subprocess: this trio_peers importable, no stray DSN variables."""
     env = {k: v for k, v in os.environ.items() if k not in LIBPQ_ENV and k != "TRIO_PEERS_DSN"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env.update(importable_env(env))
     env.update(extra)
     return env
 

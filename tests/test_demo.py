@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
-import trio_peers
+from tests.test_cli import importable_env
 from trio_peers._demo import (
     DemoOptions,
     Disruption,
@@ -33,7 +33,6 @@ from trio_peers._demo import (
     summarize,
 )
 
-REPO_ROOT = Path(trio_peers.__file__).resolve().parent.parent
 PROC = Path("/proc")
 DEMO = (sys.executable, "-m", "trio_peers", "demo")
 
@@ -131,10 +130,10 @@ def demo_env() -> Iterator[tuple[dict[str, str], str, Path]]:
     tmpdir.chmod(0o755)
     marker = uuid.uuid4().hex
     env = dict(os.environ)
+    env.update(importable_env(env))
     env.update(
         TMPDIR=str(tmpdir),
         TRIO_PEERS_DEMO_TEST_MARKER=marker,
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p),
     )
     try:
         yield env, marker, tmpdir
