@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         help="watch leadership move between real processes (no setup needed)",
         description=(
-            "Run PEERS peer processes that elect a leader, and during the run stop the\n"
+            "Run N (--peers) processes that elect a leader, and during the run stop the\n"
             "leader gracefully (SIGTERM) and kill it (SIGKILL) in turns, starting a\n"
             "replacement each time. Shows every leadership change as it happens, then a\n"
             "summary: handovers seen, graceful and crash handover latency, and a check\n"
