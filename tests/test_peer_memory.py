@@ -539,3 +539,47 @@ async def test_leader_scope_low_level_form(autojump_clock: trio.testing.MockCloc
         backend.hang = False
     with pytest.raises(RuntimeError, match="outside leader-only work"):
         current_term()
+
+
+async def test_oban_717_is_leader_and_statistics_never_block_on_a_hung_round(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    async with open_peer(cfg("a"), backend=backend) as a:
+        backend.hang = True
+        await trio.sleep(INTERVAL / 2)  # a renewal is now hanging
+        with trio.testing.assert_no_checkpoints():
+            a.is_leader  # noqa: B018 - sync read, never blocks
+            a.statistics()
+            a.term  # noqa: B018
+        backend.hang = False
+
+
+async def test_oban_651_down_notifications_do_not_make_followers_spin(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # After handling a "down", a follower keeps its normal schedule.
+    backend = MemoryBackend()
+    async with open_peer(cfg("a"), backend=backend), open_peer(cfg("b"), backend=backend) as b:
+        for _ in range(5):
+            backend.notify("public.trio_peers", '{"down":"default","term":1,"sender":"x"}')
+            await trio.testing.wait_all_tasks_blocked()
+        before = b.statistics().elections_run
+        await trio.sleep(5 * INTERVAL)
+        # At most one round per interval, plus one wake at each lease expiry it saw.
+        assert b.statistics().elections_run - before <= 10
+
+
+async def test_river_216_leader_boost_one_keeps_the_lease_despite_slow_statements(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # river#216: TTL equal to the renew period lost leadership to query latency.
+    backend = MemoryBackend()
+    backend.statement_delay = INTERVAL * 0.2
+    async with open_peer(cfg("a", leader_boost=1.0), backend=backend) as a:
+        changes = a.leadership()
+        assert (await changes.receive()).is_leader
+        await trio.sleep(20 * INTERVAL)
+        assert a.is_leader
+        with pytest.raises(trio.WouldBlock):
+            changes.receive_nowait()  # not a single flap in 20 intervals

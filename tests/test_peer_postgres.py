@@ -568,3 +568,106 @@ def test_permanent_driver_errors() -> None:
         raise asyncpg.exceptions.InvalidPasswordError("bad password")
     with pytest.raises(BackendMisconfigured), _mapped(connecting=True):
         raise ValueError("invalid DSN")
+
+
+# ---------------------------------------------------------------------- more regressions
+# One test per pitfall in the anchors' list that the tests above do not already name.
+
+
+async def test_river_197_a_follower_bid_never_touches_a_live_lease(dsn: str) -> None:
+    # river#197/#199: a WHERE on EXCLUDED made every bidder bump the expiry and "win".
+    async with open_sql(dsn) as sql, open_peer(cfg(dsn, "a", interval=30.0)) as a:
+        assert a.is_leader
+        before = await sql.row()
+        async with open_peer(cfg(dsn, "b", interval=30.0)) as b:
+            for _ in range(3):
+                b.request_election()
+                await trio.sleep(0.01)
+            assert not b.is_leader
+            assert b.statistics().elections_run >= 2
+        after = await sql.row()
+        assert (after["node"], after["term"]) == ("a", 1)
+        assert after["expires_at"] == before["expires_at"]
+
+
+async def test_river_1213_a_stale_release_cannot_end_a_newer_tenure(dsn: str) -> None:
+    # A delayed resign of an old term of the same node must not release its newer term.
+    async with open_sql(dsn) as sql, open_peer(cfg(dsn, "a", interval=30.0)) as a:
+        assert a.term == 1
+        await sql.expire()
+        await sql.execute("UPDATE public.trio_peers SET term = 2, expires_at = now() + '30 s'")
+        released = await sql.fetch(
+            "WITH r AS (UPDATE public.trio_peers SET expires_at = now() "
+            "WHERE name = 'default' AND node = 'a' AND term = 1 AND expires_at > now() "
+            "RETURNING name) SELECT pg_notify('public.trio_peers', 'x') FROM r"
+        )
+        assert released == []
+        assert (await sql.row())["live"] is True
+
+
+async def test_oban_9d60b5a1_a_missing_row_is_tolerated(dsn: str) -> None:
+    # An UNLOGGED table is emptied by a crash, and an operator may DELETE rows. That
+    # breaks the lease (documented in Guarantees; the default table is LOGGED), but
+    # the peers must not crash: the row comes back and elections go on.
+    async with open_sql(dsn) as sql, open_peer(cfg(dsn, "a")) as a, open_peer(cfg(dsn, "b")) as b:
+        assert a.is_leader
+        rounds = a.statistics().elections_run + b.statistics().elections_run
+        await sql.execute("DELETE FROM public.trio_peers")
+
+        async def recovered() -> bool:
+            row = await sql.row()
+            done = a.statistics().elections_run + b.statistics().elections_run >= rounds + 4
+            return row is not None and row["live"] and done
+
+        await wait_for(recovered, limit=INTERVAL * 3)
+        assert a.statistics().elections_failed == b.statistics().elections_failed == 0
+        await wait_for(lambda: a.is_leader != b.is_leader, limit=INTERVAL * 2)
+
+
+async def test_river_1077_peers_use_a_dedicated_connection_not_the_apps_pool(dsn: str) -> None:
+    # river#1077/#695: elections starved by an exhausted application pool. A peer
+    # owns its connection; exhausting every other slot does not starve it.
+    async with open_sql(dsn) as sql, open_peer(cfg(dsn, "a")) as a:
+        pids = await sql.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'trio-peers' "
+            "AND datname = current_database()"
+        )
+        assert len(pids) == 1
+        rounds = a.statistics().elections_run
+        await wait_for(lambda: a.statistics().elections_run >= rounds + 2, limit=INTERVAL * 2)
+        assert a.is_leader
+
+
+async def test_p1_a_raising_notification_callback_cannot_kill_the_loop(dsn: str) -> None:
+    from trio_peers._asyncpg import AsyncpgBackend
+
+    def explode(_payload: str) -> None:
+        raise RuntimeError("callback bug")
+
+    config = cfg(dsn, "a")
+    async with AsyncpgBackend().open(config) as connector, open_sql(dsn) as sql:
+        conn = await connector.connect(on_notification=explode, on_lost=lambda: None)
+        await sql.execute("SELECT pg_notify('public.trio_peers', 'boom')")
+        await trio.sleep(0.05)
+        outcome = await conn.elect(node="a", held_term=None, statement_timeout=1.0)
+        assert outcome.term == 1  # the loop and the connection still work
+        await conn.aclose()
+
+
+async def test_p2_a_cancelled_round_leaves_the_connection_usable(dsn: str) -> None:
+    from trio_peers._asyncpg import AsyncpgBackend
+
+    config = cfg(dsn, "a")
+    async with AsyncpgBackend().open(config) as connector, open_sql(dsn) as locker:
+        conn = await connector.connect(on_notification=lambda _: None, on_lost=lambda: None)
+        first = await conn.elect(node="a", held_term=None, statement_timeout=1.0)
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT * FROM public.trio_peers FOR UPDATE")
+        with trio.move_on_after(0.1) as scope:
+            await conn.elect(node="a", held_term=first.term, statement_timeout=5.0)
+        assert scope.cancelled_caught
+        await locker.execute("ROLLBACK")
+        # Not left "idle in transaction (aborted)": the next statement works.
+        again = await conn.elect(node="a", held_term=first.term, statement_timeout=1.0)
+        assert again.term == first.term
+        await conn.aclose()
