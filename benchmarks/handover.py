@@ -85,6 +85,9 @@ def graceful(dsn: str, rounds: int, interval: float) -> list[float]:
         leader, follower = a, b
         out = []
         for _ in range(rounds):
+            # Let the follower, which may have just rejoined, settle: in production
+            # followers are idle when a leader leaves.
+            time.sleep(0.05)
             leader.send("leave")
             t0 = leader.until("leaving")["t"]
             t1 = follower.until("gained")["t"]

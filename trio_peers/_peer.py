@@ -176,6 +176,8 @@ class Peer(metaclass=NoPublicConstructor):
         self._closed = False
         self._stop_requested = trio.Event()
         self._served = trio.Event()
+        self._stop_started = False
+        self._stopped = trio.Event()
 
     # ------------------------------------------------------------------ public API
 
@@ -415,11 +417,12 @@ class Peer(metaclass=NoPublicConstructor):
 
     async def _await_leader_work(self) -> bool:
         """Wait for cancelled leader-only work. False if it overran ``cleanup_timeout``."""
-        await trio.lowlevel.checkpoint()
+        if not self._leader_scopes:
+            return True  # noqa: ASYNC910 - on the shutdown hot path; callers await next
         with trio.move_on_after(self._config.cleanup_timeout, shield=True):
             while self._leader_scopes:
                 await next(iter(self._leader_scopes)).done.wait()
-            return True
+            return True  # noqa: ASYNC910
         for scope in self._leader_scopes:
             log.error(
                 "trio-peers %s: leader-only work (term %d) ignored cancellation for %.1fs; "
@@ -511,45 +514,55 @@ class Peer(metaclass=NoPublicConstructor):
         return conn
 
     async def _run_round(self, *, entry: bool) -> None:
+        # Take the connection lock without a scheduling hop when it is free (the
+        # usual case): a NOTIFY-triggered round goes straight to its statement.
+        try:
+            self._conn_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._conn_lock.acquire()
+        try:
+            await self._run_round_locked(entry=entry)
+        finally:
+            self._conn_lock.release()
+
+    async def _run_round_locked(self, *, entry: bool) -> None:  # noqa: ASYNC910 - awaits or raises
         st = self._config.effective_statement_timeout
-        async with self._conn_lock:
-            if self._closing:
-                return
-            held = self._core.start_round(trio.current_time())
-            self._counters.elections_run += 1
-            finished = False
-            try:
-                conn = await self._ensure_connection()
-                with trio.fail_after(st + _GUARD_SLACK):
-                    outcome = await conn.elect(
-                        node=self.node, held_term=held, statement_timeout=st
-                    )
-            except TableMissing as exc:
-                finished = True
-                self._round_failed(exc, retry_after=self._config.interval)
-                self._drop_connection()
-                if not self._table_missing_logged:
-                    self._table_missing_logged = True
-                    log.warning("trio-peers %s: %s; staying follower", self.name, exc)
-            except (BackendMisconfigured, SchemaError) as exc:
-                finished = True
-                self._round_failed(exc, retry_after=self._config.interval)
-                self._drop_connection()
-                if entry:
-                    raise
-                log.error("trio-peers %s: %s", self.name, exc)
-            except (BackendUnavailable, TimeoutError, trio.TooSlowError) as exc:
-                finished = True
-                self._round_failed(exc)
-                self._drop_connection()
-            else:
-                finished = True
-                change = self._core.round_succeeded(trio.current_time(), outcome)
-                self._round_done(change)
-            finally:
-                if not finished:  # cancelled, or a bug
-                    self._core.abort_round(trio.current_time())
-                    self._publish()
+        if self._closing:
+            await trio.lowlevel.checkpoint()
+            return
+        held = self._core.start_round(trio.current_time())
+        self._counters.elections_run += 1
+        finished = False
+        try:
+            conn = await self._ensure_connection()
+            with trio.fail_after(st + _GUARD_SLACK):
+                outcome = await conn.elect(node=self.node, held_term=held, statement_timeout=st)
+        except TableMissing as exc:
+            finished = True
+            self._round_failed(exc, retry_after=self._config.interval)
+            self._drop_connection()
+            if not self._table_missing_logged:
+                self._table_missing_logged = True
+                log.warning("trio-peers %s: %s; staying follower", self.name, exc)
+        except (BackendMisconfigured, SchemaError) as exc:
+            finished = True
+            self._round_failed(exc, retry_after=self._config.interval)
+            self._drop_connection()
+            if entry:
+                raise
+            log.error("trio-peers %s: %s", self.name, exc)
+        except (BackendUnavailable, TimeoutError, trio.TooSlowError) as exc:
+            finished = True
+            self._round_failed(exc)
+            self._drop_connection()
+        else:
+            finished = True
+            change = self._core.round_succeeded(trio.current_time(), outcome)
+            self._round_done(change)
+        finally:
+            if not finished:  # cancelled, or a bug
+                self._core.abort_round(trio.current_time())
+                self._publish()
 
     def _round_failed(self, exc: BaseException, *, retry_after: float | None = None) -> None:
         self._counters.elections_failed += 1
@@ -588,6 +601,8 @@ class Peer(metaclass=NoPublicConstructor):
 
     async def _sleep_until_next_round(self) -> None:
         while True:
+            if self._core.next_round_at <= trio.current_time():
+                return  # noqa: ASYNC910 - due now; the round awaits right after
             self._resched = trio.Event()
             with trio.move_on_at(self._core.next_round_at):
                 await self._resched.wait()
@@ -703,22 +718,41 @@ class Peer(metaclass=NoPublicConstructor):
         return False  # noqa: ASYNC910 - every path awaited a statement (or raised from one)
 
     async def _stop(self) -> None:
-        """Shutdown, run shielded by the caller: loop, work, release, close."""
-        self._closing = True  # no new leader-only work, no new rounds
-        self._loop_scope.cancel()
-        await self._loop_done.wait()
-        async with self._conn_lock:
-            was_leader = self._cell.value.is_leader
-            term = self._core.close()
-            self._publish()  # cancels leader-only work; channels see is_leader=False
-            work_stopped = await self._await_leader_work()
-            if term is not None and work_stopped:
-                await self._release(term)
-            elif was_leader:
-                log.info("trio-peers %s: %s stopped", self.name, self.node)
-            await self._close_connection()
-        self._cell.close()
-        self._closed = True
+        """Shutdown, run shielded by the caller: work, release, close. Idempotent.
+
+        It does not wait for the election loop first: cancelling the loop frees
+        the connection lock at once (a round in flight is abandoned), and the
+        release is then the very next statement, which keeps graceful handover
+        down to one statement plus one NOTIFY.
+        """
+        if self._stop_started:
+            await self._stopped.wait()
+            return
+        self._stop_started = True
+        try:
+            self._closing = True  # no new leader-only work, no new rounds
+            self._loop_scope.cancel()
+            try:
+                self._conn_lock.acquire_nowait()  # free unless a round is in flight
+            except trio.WouldBlock:
+                await self._conn_lock.acquire()
+            try:
+                was_leader = self._cell.value.is_leader
+                term = self._core.close()
+                self._publish()  # cancels leader-only work; channels see is_leader=False
+                work_stopped = await self._await_leader_work()
+                if term is not None and work_stopped:
+                    await self._release(term)
+                elif was_leader:
+                    log.info("trio-peers %s: %s stopped", self.name, self.node)
+                await self._close_connection()
+            finally:
+                self._conn_lock.release()
+            await self._loop_done.wait()
+            self._cell.close()
+            self._closed = True
+        finally:
+            self._stopped.set()
 
     async def _close_connection(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -790,8 +824,12 @@ async def open_peer(
             try:
                 yield peer
             finally:
-                peer._stop_requested.set()
                 with trio.move_on_after(_shutdown_bound(config) + 1.0, shield=True):
+                    if not peer._served.is_set():
+                        # Stop from this task: one scheduling hop fewer before the
+                        # release statement (the backend names its loop itself).
+                        await peer._stop()
+                    peer._stop_requested.set()
                     await peer._served.wait()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
