@@ -525,7 +525,9 @@ async def test_work_ignoring_cancellation_lets_lease_lapse(
             row = backend.rows[("public", "trio_peers", "default")]
             assert row.expires_at > trio.current_time()
             outer.cancel_scope.cancel()
-    assert any("ignored cancellation" in r.getMessage() for r in caplog.records)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "stubborn" in errors[0] and "ignored cancellation" in errors[0]
 
 
 async def test_leader_scope_low_level_form(autojump_clock: trio.testing.MockClock) -> None:
@@ -583,3 +585,42 @@ async def test_river_216_leader_boost_one_keeps_the_lease_despite_slow_statement
         assert a.is_leader
         with pytest.raises(trio.WouldBlock):
             changes.receive_nowait()  # not a single flap in 20 intervals
+
+
+async def test_work_stuck_after_loss_stops_bidding_until_it_finishes(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = MemoryBackend()
+    release_work = trio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await release_work.wait()  # ignores cancellation for a long time
+
+    with caplog.at_level(logging.ERROR, logger="trio_peers"):
+        async with (
+            trio.open_nursery() as nursery,
+            open_peer(cfg("a", cleanup_timeout=2.0), backend=backend) as a,
+        ):
+            nursery.start_soon(a.run_while_leader, slow_to_stop)
+            await trio.sleep(1)
+            backend.hang = True
+            await a.wait_follower()  # trust lapsed; the work is cancelled but keeps running
+            backend.hang = False
+            await trio.sleep(3 * INTERVAL)
+            # It never bid while its old work ran: the lease lapsed, nobody renewed it.
+            assert not a.is_leader
+            assert backend.leader() is None
+            async with open_peer(cfg("b"), backend=backend) as b:
+                assert b.is_leader  # another node took over
+                release_work.set()  # the stuck work finally ends...
+                await trio.sleep(INTERVAL)
+                assert not a.is_leader  # ...and a bids again, as a follower
+            await a.wait_leader()
+            nursery.cancel_scope.cancel()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "slow_to_stop" in errors[0]

@@ -276,6 +276,17 @@ class ElectionCore:
             self.next_round_at = min(self.next_round_at, now)
         return True
 
+    def hold(self) -> None:
+        """Bid no more until :meth:`wake` (leader-only work is still winding down)."""
+        if self.round_started_at is not None:
+            raise CoreError("cannot hold during a round")
+        self.next_round_at = math.inf
+
+    def wake(self, now: float) -> None:
+        """Run the next round now (after :meth:`hold`, or on request)."""
+        if self.round_started_at is None:
+            self.next_round_at = min(self.next_round_at, now)
+
     def close(self) -> int | None:
         """The peer stops. Returns the term to release in the database, if any."""
         self.closed = True

@@ -128,7 +128,9 @@ class LeaderScope:
     .. versionadded:: 0.1
     """
 
-    def __init__(self, term: int, cancel_scope: trio.CancelScope) -> None:
+    def __init__(self, term: int, cancel_scope: trio.CancelScope, owner: str) -> None:
+        self.owner: str = owner
+        """What runs in the scope (the function's name), for log messages."""
         self.term: int = term
         """The tenure's fencing token."""
         self.cancel_scope: trio.CancelScope = cancel_scope
@@ -137,6 +139,8 @@ class LeaderScope:
         """True once the tenure ended while the block ran."""
         self.done = trio.Event()
         """Set when the block has finished (after any cancellation)."""
+        self.watched = False
+        self.overrun_logged = False
 
 
 @final
@@ -177,6 +181,7 @@ class Peer(metaclass=NoPublicConstructor):
         self._stop_requested = trio.Event()
         self._served = trio.Event()
         self._stop_started = False
+        self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
 
     # ------------------------------------------------------------------ public API
@@ -326,14 +331,14 @@ class Peer(metaclass=NoPublicConstructor):
           trio.ClosedResourceError: if the peer closes before it leads.
         """
         term = await self.wait_leader()
-        with self._tenure_scope(term) as scope:
+        with self._tenure_scope(term, "a Peer.leader_scope() block") as scope:
             yield scope
 
     @contextlib.contextmanager
-    def _tenure_scope(self, term: int) -> Iterator[LeaderScope]:
+    def _tenure_scope(self, term: int, owner: str) -> Iterator[LeaderScope]:
         # No checkpoint between wait_leader() returning and the scope being bound.
         cancel_scope = trio.CancelScope(deadline=self._core.trusted_until)
-        scope = LeaderScope(term, cancel_scope)
+        scope = LeaderScope(term, cancel_scope, owner)
         self._leader_scopes.add(scope)
         token = _current_term.set(term)
         try:
@@ -344,6 +349,10 @@ class Peer(metaclass=NoPublicConstructor):
             self._leader_scopes.discard(scope)
             scope.lost = cancel_scope.cancel_called
             scope.done.set()
+            if scope.lost and not self._closing and not self._winding_down():
+                # The peer held its bids while this work wound down: bid again now.
+                self._core.wake(trio.current_time())
+                self._resched.set()
 
     async def run_while_leader(
         self,
@@ -374,7 +383,7 @@ class Peer(metaclass=NoPublicConstructor):
                 await trio.lowlevel.checkpoint()
                 return
             failed: Exception | None = None
-            with self._tenure_scope(term):
+            with self._tenure_scope(term, _fn_name(async_fn)):
                 try:
                     await async_fn(*args)
                 except Exception as exc:
@@ -424,13 +433,7 @@ class Peer(metaclass=NoPublicConstructor):
                 await next(iter(self._leader_scopes)).done.wait()
             return True  # noqa: ASYNC910
         for scope in self._leader_scopes:
-            log.error(
-                "trio-peers %s: leader-only work (term %d) ignored cancellation for %.1fs; "
-                "not releasing the lease: it will lapse after at most one interval",
-                self.name,
-                scope.term,
-                self._config.cleanup_timeout,
-            )
+            self._report_overrun(scope)
         return False
 
     def _publish(self) -> None:
@@ -457,8 +460,38 @@ class Peer(metaclass=NoPublicConstructor):
         for scope in self._leader_scopes:
             if not leader or term != scope.term:
                 scope.cancel_scope.cancel()
+                self._watch_overrun_soon(scope)
             else:
                 scope.cancel_scope.deadline = deadline
+
+    def _winding_down(self) -> bool:
+        """Leader-only work of an ended tenure is still running (cancelled, not done)."""
+        return any(scope.cancel_scope.cancel_called for scope in self._leader_scopes)
+
+    def _watch_overrun_soon(self, scope: LeaderScope) -> None:
+        if self._nursery is not None and not scope.watched and not self._closing:
+            scope.watched = True  # one watcher per scope
+            self._nursery.start_soon(self._watch_overrun, scope)
+
+    async def _watch_overrun(self, scope: LeaderScope) -> None:
+        with trio.move_on_after(self._config.cleanup_timeout):
+            await scope.done.wait()
+            return
+        self._report_overrun(scope)
+
+    def _report_overrun(self, scope: LeaderScope) -> None:
+        if scope.overrun_logged:
+            return
+        scope.overrun_logged = True
+        log.error(
+            "trio-peers %s: leader-only work %s (term %d) ignored cancellation for %.1fs; "
+            "%s neither bids nor releases the lease while it runs: the lease lapses",
+            self.name,
+            scope.owner,
+            scope.term,
+            self._config.cleanup_timeout,
+            self.node,
+        )
 
     def _note_fault(self, exc: BaseException, what: str) -> None:
         self._counters.last_error = f"{type(exc).__name__}: {exc}"
@@ -528,6 +561,12 @@ class Peer(metaclass=NoPublicConstructor):
     async def _run_round_locked(self, *, entry: bool) -> None:  # noqa: ASYNC910 - awaits or raises
         st = self._config.effective_statement_timeout
         if self._closing:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._winding_down():
+            # Work of an ended tenure still runs: bid no more until it finishes
+            # (the tenure scope wakes the loop), so it never overlaps a new one.
+            self._core.hold()
             await trio.lowlevel.checkpoint()
             return
         held = self._core.start_round(trio.current_time())
@@ -663,6 +702,7 @@ class Peer(metaclass=NoPublicConstructor):
         try:
             async with self._open_backend(backend) as connector, trio.open_nursery() as nursery:
                 self._connector = connector
+                self._nursery = nursery
                 try:
                     await nursery.start(self._watchdog)
                     await nursery.start(self._listener)
