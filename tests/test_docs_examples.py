@@ -71,10 +71,9 @@ import trio
 import trio.testing
 
 import trio_peers
+from tests.test_cli import cli_env
 from trio_peers._sql import Statements
 from trio_peers.testing import MemoryBackend, PostgresServer
-
-from .test_cli import cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
