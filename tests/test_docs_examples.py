@@ -545,3 +545,24 @@ def test_cli_example(block: Block, pg_dsn: str) -> None:
                 f"{block.where}: the output differs\n--- documented:\n{want}"
                 f"--- printed:\n{printed}"
             )
+
+
+# ---------------------------------------------------------------------- the API reference
+
+
+def test_reference_documents_every_public_name() -> None:
+    """Every public name has a docstring, and the reference pulls it in."""
+    import trio_peers.testing
+
+    text = (DOCS / "reference.rst").read_text()
+    documented = set(re.findall(r"^\.\. (?:auto\w+|data):: ([\w.]+)", text, re.MULTILINE))
+    testing_names = [n for n in dir(trio_peers.testing) if not n.startswith("_")]
+    for module, names in (
+        ("trio_peers", trio_peers.__all__),
+        ("trio_peers.testing", testing_names),
+    ):
+        for name in names:
+            assert name in documented, f"{module}.{name} is missing from docs/reference.rst"
+            if name != "__version__":
+                obj = getattr(sys.modules[module], name)
+                assert (obj.__doc__ or "").strip(), f"{module}.{name} has no docstring"
