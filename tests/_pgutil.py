@@ -15,6 +15,12 @@ import trio_asyncio
 from trio_peers import LeadershipChange, Peer, PeerConfig, open_peer
 
 
+def peer_config(dsn: str, node: str, **kw: object) -> PeerConfig:
+    """A PeerConfig for real-PostgreSQL tests: short interval (1 s) unless given."""
+    args: dict[str, object] = {"dsn": dsn, "interval": 1.0, "node": node, **kw}
+    return PeerConfig(**args)  # type: ignore[arg-type]
+
+
 class SQL:
     """A superuser connection for tests: Trio-flavoured wrappers over asyncpg."""
 

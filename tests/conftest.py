@@ -118,3 +118,12 @@ def pg(pg_server: AnyServer) -> Iterator[PostgresServer]:
         pytest.skip(_NOT_OURS)
     yield pg_server
     _ensure_running(pg_server)
+
+
+@pytest.fixture
+async def dsn(pg_dsn: str) -> str:
+    """A fresh database with the default lease table (``public.trio_peers``) migrated."""
+    from trio_peers import migrate
+
+    await migrate(pg_dsn)
+    return pg_dsn

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from trio_peers import PeerConfig, current_term, migrate, open_peer
+from trio_peers import current_term, open_peer
 from trio_peers.testing import PostgresServer
 
-from ._pgutil import open_sql, run_peer, wait_for
+from ._pgutil import open_sql, peer_config, run_peer, wait_for
 
 INTERVAL = 1.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,15 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def dsn(pg_dsn: str) -> str:
-    await migrate(pg_dsn)
-    return pg_dsn
-
-
-def cfg(dsn: str, node: str, **kw: object) -> PeerConfig:
-    args: dict[str, object] = {"dsn": dsn, "interval": INTERVAL, "node": node, **kw}
-    return PeerConfig(**args)  # type: ignore[arg-type]
+cfg = peer_config
 
 
 class WorkLog:

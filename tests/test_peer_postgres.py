@@ -32,6 +32,7 @@ from ._pgutil import (
     Recorder,
     assert_no_overlap,
     open_sql,
+    peer_config,
     peer_in_task,
     run_peer,
     wait_for,
@@ -42,15 +43,7 @@ INTERVAL = 1.0
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def dsn(pg_dsn: str) -> str:
-    await migrate(pg_dsn)
-    return pg_dsn
-
-
-def cfg(dsn: str, node: str, **kw: object) -> PeerConfig:
-    args: dict[str, object] = {"dsn": dsn, "interval": INTERVAL, "node": node, **kw}
-    return PeerConfig(**args)  # type: ignore[arg-type]
+cfg = peer_config
 
 
 # ---------------------------------------------------------------------- basics
