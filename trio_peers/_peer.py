@@ -349,8 +349,15 @@ class Peer(metaclass=NoPublicConstructor):
             self._leader_scopes.discard(scope)
             scope.lost = cancel_scope.cancel_called
             scope.done.set()
-            if scope.lost and not self._closing and not self._winding_down():
+            if (
+                scope.lost
+                and not self._closing
+                and not self._winding_down()
+                and self._core.next_round_at == math.inf  # held by core.hold()
+            ):
                 # The peer held its bids while this work wound down: bid again now.
+                # (Only then: after resign() the schedule must stand, or the peer
+                # would bid at once and win back the lease it just released.)
                 self._core.wake(trio.current_time())
                 self._resched.set()
 
