@@ -44,9 +44,6 @@ nitpick_ignore = [
     ("py:class", "Path"),
     # The operating system's variable, named in find_postgres_bindir's docstring.
     ("envvar", "PATH"),
-    # Raised by PostgresServer, but defined in the private trio_peers.testing._postgres and
-    # not re-exported from trio_peers.testing, so there is nothing public to link to.
-    ("py:exc", "PostgresServerError"),
 ]
 default_role = "obj"
 

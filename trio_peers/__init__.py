@@ -7,8 +7,6 @@
             ...
 """
 
-from __future__ import annotations
-
 from ._asyncpg import AsyncpgBackend as AsyncpgBackend, migrate as migrate
 from ._backend import (
     BackendConnection as BackendConnection,
@@ -18,6 +16,7 @@ from ._backend import (
 )
 from ._cell import LeadershipChange as LeadershipChange, LeadershipChannel as LeadershipChannel
 from ._config import PeerConfig as PeerConfig
+from ._core import ElectionOutcome as ElectionOutcome
 from ._exceptions import (
     BackendMisconfigured as BackendMisconfigured,
     BackendUnavailable as BackendUnavailable,
@@ -41,6 +40,7 @@ __all__ = [
     "BackendConnector",
     "BackendMisconfigured",
     "BackendUnavailable",
+    "ElectionOutcome",
     "LeaderInfo",
     "LeaderScope",
     "LeadershipChange",

@@ -128,18 +128,21 @@ async def open_asyncio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
 # ---------------------------------------------------------------------- asyncio side
 
 
-async def _aio_connect(dsn: str, connect_timeout: float) -> Connection:
-    """asyncio-flavoured: open one connection."""
+async def _aio_connect(
+    dsn: str, connect_timeout: float, *, statement_cache: bool = True
+) -> Connection:
+    """asyncio-flavoured: open one connection.
+
+    Only ``application_name`` goes in the startup packet (poolers such as
+    PgBouncer refuse most other startup parameters). Without
+    ``statement_cache``, asyncpg uses unnamed statements only, which survive
+    a transaction-mode pooler switching server connections between statements.
+    """
     conn: Connection = await asyncpg.connect(
         dsn,
         timeout=connect_timeout,
-        server_settings={
-            "application_name": _APPLICATION_NAME,
-            # Lease and term changes must be durable before a peer acts on them,
-            # even on a server that defaults to asynchronous commit: a lost
-            # commit after a crash could hand out the same term twice.
-            "synchronous_commit": "on",
-        },
+        statement_cache_size=100 if statement_cache else 0,
+        server_settings={"application_name": _APPLICATION_NAME},
     )
     return conn
 
@@ -166,8 +169,8 @@ async def _aio_check_table(conn: Connection, sql: Statements, limit: float) -> N
 @attrs.frozen
 class _Prepared:
     conn: Connection
-    elect: PreparedStatement
-    release: PreparedStatement
+    elect: PreparedStatement | None
+    release: PreparedStatement | None
 
 
 async def _aio_open_peer_connection(
@@ -180,14 +183,17 @@ async def _aio_open_peer_connection(
 
     Preparing the election and release statements here makes each later round
     and the final release a single round trip (no parse step on the hot path).
+    With ``listen=False`` (the setting for transaction-mode poolers) nothing is
+    prepared and no LISTEN is issued: both are bound to one server connection.
     """
-    conn = await _aio_connect(config.dsn, config.connect_timeout)
+    conn = await _aio_connect(config.dsn, config.connect_timeout, statement_cache=config.listen)
     try:
         timeout = config.connect_timeout
         await _aio_check_table(conn, sql, timeout)
-        elect = await conn.prepare(sql.elect, timeout=timeout)
-        release = await conn.prepare(sql.release, timeout=timeout)
+        elect = release = None
         if config.listen:
+            elect = await conn.prepare(sql.elect, timeout=timeout)
+            release = await conn.prepare(sql.release, timeout=timeout)
             await conn.add_listener(config.channel, on_notify)
         conn.add_termination_listener(on_terminate)
     except BaseException:
@@ -238,9 +244,15 @@ class AsyncpgConnection:
         self, *, node: str, held_term: int | None, statement_timeout: float
     ) -> ElectionOutcome:
         with _mapped():
-            row: Record | None = await _aio(self._elect.fetchrow, self._loop)(
-                self._config.name, node, self._lease, held_term, timeout=statement_timeout
-            )
+            args = (self._config.name, node, self._lease, held_term)
+            if self._elect is not None:
+                row: Record | None = await _aio(self._elect.fetchrow, self._loop)(
+                    *args, timeout=statement_timeout
+                )
+            else:
+                row = await _aio(self._conn.fetchrow, self._loop)(
+                    self._sql.elect, *args, timeout=statement_timeout
+                )
         if row is None:  # pragma: no cover - the SELECT always returns one row
             raise BackendUnavailable("election statement returned no row")
         won: int | None = row["won_term"]
@@ -257,15 +269,16 @@ class AsyncpgConnection:
         self, *, node: str, term: int, sender: str, statement_timeout: float
     ) -> bool:
         payload = down_payload(self._config.name, term, sender)
+        args = (self._config.name, node, term, self._config.channel, payload)
         with _mapped():
-            rows = await _aio(self._release.fetch, self._loop)(
-                self._config.name,
-                node,
-                term,
-                self._config.channel,
-                payload,
-                timeout=statement_timeout,
-            )
+            if self._release is not None:
+                rows = await _aio(self._release.fetch, self._loop)(
+                    *args, timeout=statement_timeout
+                )
+            else:
+                rows = await _aio(self._conn.fetch, self._loop)(
+                    self._sql.release, *args, timeout=statement_timeout
+                )
         return len(rows) > 0
 
     async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:

@@ -182,10 +182,11 @@ class PeerConfig:
     """Name of the lease table."""
 
     listen: bool = attrs.field(default=True, validator=_validate_bool)
-    """LISTEN for resign notifications (fast handover). Set ``False`` where LISTEN
-    is unavailable, e.g. behind a pooler in transaction mode (which has other
-    needs too: see the docs' pooler guide): everything still works, handover
-    then takes up to one ``interval``."""
+    """LISTEN for resign notifications (fast handover), and prepare the election
+    statements once per connection. Set ``False`` behind a pooler in transaction
+    mode (PgBouncer, Supavisor) or wherever LISTEN is unavailable: the peer then
+    uses neither LISTEN nor named prepared statements; everything still works,
+    and a graceful handover takes up to one ``interval``."""
 
     max_clock_drift: float = attrs.field(default=0.01, validator=_validate_drift)
     """Largest relative rate difference tolerated between this process's

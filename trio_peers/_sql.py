@@ -56,7 +56,11 @@ class Statements:
         # A renewal can therefore never touch another node's lease, nor another
         # tenure of the same node value (oban#1488, oban-py#32).
         # The outer SELECT reads the table as it was before the UPSERT, to report
-        # the current holder when the bid is denied.
+        # the current holder when the bid is denied. It also makes this
+        # statement's commit synchronous (transaction-local, so it works behind
+        # poolers and on servers that default to asynchronous commit): a new
+        # term must be durable before anyone acts on it, or a crash could hand
+        # the same term out twice.
         t = self.qualified
         return f"""
 WITH attempt AS (
@@ -75,7 +79,7 @@ SELECT a.term AS won_term,
        h.node AS holder_node,
        h.term AS holder_term,
        EXTRACT(EPOCH FROM h.expires_at - now())::float8 AS holder_remaining
-FROM (SELECT 1) AS one
+FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 LEFT JOIN attempt AS a ON true
 LEFT JOIN {t} AS h ON a.term IS NULL AND h.name = $1 AND h.expires_at > now()
 """
@@ -85,7 +89,9 @@ LEFT JOIN {t} AS h ON a.term IS NULL AND h.name = $1 AND h.expires_at > now()
         # $1 name, $2 node, $3 term, $4 channel, $5 payload.
         # Expire the tenure in place (the row keeps the term counter, so terms
         # stay monotonic) and NOTIFY in the same statement: the notification is
-        # delivered at commit, when followers can already take the lease.
+        # delivered at commit, when followers can already take the lease. The
+        # commit is synchronous, like the election's, so a release is not undone
+        # by a crash (the lease would then linger until it expires).
         t = self.qualified
         return f"""
 WITH released AS (
@@ -93,7 +99,8 @@ WITH released AS (
     WHERE name = $1 AND node = $2 AND term = $3 AND expires_at > now()
     RETURNING name
 )
-SELECT pg_notify($4::text, $5::text) FROM released
+SELECT pg_notify($4::text, $5::text)
+FROM released, (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 """
 
     @property

@@ -7,5 +7,6 @@ from ._memory import MemoryBackend as MemoryBackend, MemoryRow as MemoryRow
 from ._postgres import (
     PostgresNotFound as PostgresNotFound,
     PostgresServer as PostgresServer,
+    PostgresServerError as PostgresServerError,
     find_postgres_bindir as find_postgres_bindir,
 )
