@@ -45,6 +45,8 @@ PosArgsT = TypeVarTuple("PosArgsT")
 
 #: Most NOTIFY payloads buffered between the backend callback and the listener task.
 _NOTIFY_BUFFER: Final = 256
+#: Pause between a release and closing the connection on exit (see Peer._stop).
+_CLOSE_AFTER_RELEASE: Final = 0.005
 #: Extra seconds the Trio-side guard adds to a statement's own timeout.
 _GUARD_SLACK: Final = 0.5
 
@@ -789,7 +791,12 @@ class Peer(metaclass=NoPublicConstructor):
                 self._publish()  # cancels leader-only work; channels see is_leader=False
                 work_stopped = await self._await_leader_work()
                 if term is not None and work_stopped:
-                    await self._release(term)
+                    if await self._release(term):
+                        # Closing makes the server end this backend, which costs CPU
+                        # on the database host just when the followers woken by the
+                        # NOTIFY run their election; on a small host that doubles
+                        # the handover. Let them go first (bounded; exit is shielded).
+                        await trio.sleep(_CLOSE_AFTER_RELEASE)
                 elif was_leader:
                     log.info("trio-peers %s: %s stopped", self.name, self.node)
                 await self._close_connection()
