@@ -142,20 +142,22 @@ _GLOBAL = frozenset({"advance", "store_restart", "notify"})
 
 
 def settle(sim: Sim) -> float:
-    """Heal every fault; check a leader appears within the fault-heal bound; let the
-    rounds started before the heal end. Returns the healthy statement round-trip time."""
+    """Heal every fault; check that a leader from rounds run after the heal appears
+    within the fault-heal bound. Returns the healthy statement round-trip time.
+
+    A process may still trust a tenure at the heal and lose it when its round from
+    before the heal fails; such rounds (and any orphaned lease they can create) end
+    within one statement timeout, so the bound is checked from then on.
+    """
     t_heal = sim.now
     statement_time = sim.heal()
+    sim.run_until(t_heal + max(p.st_db for p in sim.live()))
     bound = heal_bound(sim.config, statement_time)
     got = sim.run_until(t_heal + bound + tol(t_heal + bound), stop=lambda: bool(sim.leaders()))
     assert got is not None, (
         f"fault_heal_bound: no leader {bound:.6g}s after faults healed at t={t_heal:.6g}"
     )
-    # Rounds in flight at the heal end within one statement timeout; after that no
-    # orphaned lease can appear and every live process is connected again within
-    # one backoff (at most interval * BACKOFF_CAP).
-    latest = t_heal + max(p.st_db for p in sim.live())
-    sim.run_until(max(latest, sim.now))
+    # Every live process is connected again within one backoff (interval * BACKOFF_CAP).
     sim.run_until(sim.now + sim.interval, stop=lambda: all(p.connected for p in sim.live()))
     assert all(p.connected for p in sim.live())
     assert sim.leaders(), "a healthy leader lost its tenure"
