@@ -12,7 +12,7 @@ import math
 import random
 
 import pytest
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from trio_peers._core import (
     BACKOFF_CAP,
@@ -29,6 +29,9 @@ from trio_peers._core import (
 )
 
 from ._election_model import make_config, make_core
+
+#: pytest-timeout's limit (60 s) fits the default profiles; "thorough" runs 20x the examples.
+pytestmark = pytest.mark.timeout(60 * max(1, settings.default.max_examples // 100))
 
 seeds = st.integers(0, 2**32 - 1)
 intervals = st.floats(0.01, 1e4)

@@ -37,6 +37,9 @@ from ._election_model import (
     tol,
 )
 
+#: pytest-timeout's limit (60 s) fits the default profiles; "thorough" runs 20x the examples.
+pytestmark = pytest.mark.timeout(60 * max(1, settings.default.max_examples // 100))
+
 MAX_PEERS = 4
 NODES = "abcd"
 

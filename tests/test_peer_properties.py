@@ -35,6 +35,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import attrs
+import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings, strategies as st
@@ -54,6 +55,9 @@ from trio_peers._core import ElectionCore, ElectionOutcome
 from trio_peers.testing import MemoryBackend
 
 from ._election_model import crash_bound, graceful_bound, heal_bound
+
+#: pytest-timeout's limit (60 s) fits the default profiles; "thorough" runs 20x the examples.
+pytestmark = pytest.mark.timeout(60 * max(1, settings.default.max_examples // 100))
 
 NODES = "abc"
 
