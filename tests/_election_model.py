@@ -58,6 +58,8 @@ from typing import Literal
 from trio_peers._config import PeerConfig
 from trio_peers._core import (
     BACKOFF_CAP,
+    EXPIRY_SLACK_FRACTION,
+    EXPIRY_SLACK_MIN,
     JITTER,
     Change,
     ElectionCore,
@@ -323,12 +325,8 @@ class Sim:
         loc = peer.local(self.now)
         term = peer.core.resign(loc)
         if term is not None:
-            self._check_delay(
-                "resign",
-                peer.core.next_round_at - loc,
-                (1 - JITTER) * self.interval,
-                self.interval,
-            )
+            hold = resign_hold(self.interval, self.drift)
+            self._check_delay("resign", peer.core.next_round_at - loc, hold, hold)
             self._release(peer, term)
         self.check()
         return True
@@ -678,3 +676,14 @@ def heal_bound(config: PeerConfig, statement_time: float) -> float:
 def graceful_bound(statement_time: float) -> float:
     """docs/timing.rst, graceful handover: from the NOTIFY's delivery until another leads."""
     return 2 * statement_time
+
+
+def resign_hold(interval: float, drift: float) -> float:
+    """How long a resigned peer waits before bidding again (docs/timing.rst).
+
+    Longer than any follower's next round (at most ``interval`` on the follower's
+    own clock, so ``interval * (1 + m) / (1 - m)`` on the resigned peer's), plus
+    the expiry slack, so another live peer takes over even with notifications lost.
+    """
+    slack = EXPIRY_SLACK_MIN + EXPIRY_SLACK_FRACTION * interval
+    return interval * (1 + drift) / (1 - drift) + slack

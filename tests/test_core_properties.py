@@ -28,7 +28,7 @@ from trio_peers._core import (
     parse_notification,
 )
 
-from ._election_model import make_config, make_core
+from ._election_model import make_config, make_core, resign_hold
 
 #: pytest-timeout's limit (60 s) fits the default profiles; "thorough" runs 20x the examples.
 pytestmark = pytest.mark.timeout(60 * max(1, settings.default.max_examples // 100))
@@ -170,14 +170,20 @@ def test_follower_bids_after_holder_expiry(
 
 
 @given(core=cores(), now=st.floats(0.0, 1e5), term=st.integers(1, 10**6))
-def test_resign_waits_one_jittered_interval(core: ElectionCore, now: float, term: int) -> None:
-    """resign_schedule: a resigning peer bids again after jitter(interval)."""
+def test_resign_waits_out_every_followers_next_round(
+    core: ElectionCore, now: float, term: int
+) -> None:
+    """resign_schedule: a resigning peer bids again only after resign_hold =
+    interval * (1 + m) / (1 - m) + slack, and ignores "down" notifications meanwhile."""
     core.start_round(now)
     core.round_succeeded(now, ElectionOutcome(term=term, lease_remaining=core.interval))
     assert core.resign(now) == term
     assert not core.is_leader(now)
     delay = core.next_round_at - now
-    assert (1 - JITTER) * core.interval * (1 - 1e-12) <= delay <= core.interval * (1 + 1e-12)
+    expected = resign_hold(core.interval, core.max_clock_drift)
+    assert delay == pytest.approx(expected, rel=1e-9)
+    assert not core.notified_down(now + delay * 0.99)
+    assert core.next_round_at - now == pytest.approx(expected, rel=1e-9)
 
 
 # ---------------------------------------------------------------------- robustness

@@ -342,14 +342,11 @@ TestElectionModel = ElectionModel.TestCase
 TestElectionModel.settings = settings(TestElectionModel.settings, deadline=None)
 
 
-# ---------------------------------------------------------------------- known weaknesses
+# ---------------------------------------------------------------------- resign hand-over
+# Both found by the model (they were strict xfails until ElectionCore.resign held bids for
+# resign_hold and ignored "down" notifications meanwhile).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library finding: a stale `down` NOTIFY makes a peer that just resigned bid at "
-    "once, and it can win its lease back (ElectionCore.notified_down ignores the term)",
-)
 def test_resigned_peer_ignores_stale_down() -> None:
     """After ``resign()`` a peer bids again only after about one interval (its docstring),
     so that another peer takes over. Here a NOTIFY from an *earlier* resign (term 1,
@@ -372,11 +369,6 @@ def test_resigned_peer_ignores_stale_down() -> None:
     assert sim.leaders() == [a], "the peer that just resigned won its lease back"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library finding: without NOTIFY, a resigned leader bids again after "
-    "jitter(interval) and may do so before the followers, winning its lease back",
-)
 def test_resign_with_lost_notify_hands_over() -> None:
     """With notifications lost (``listen=False`` behind a pooler), ``resign()`` should still
     hand leadership to another peer: the resigned peer should bid again only after every

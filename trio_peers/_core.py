@@ -139,6 +139,7 @@ class ElectionCore:
         self.failures = 0
         self.closed = False
         self._wake_pending = False
+        self._hold_until = -math.inf
 
     # ------------------------------------------------------------------ queries
 
@@ -238,17 +239,34 @@ class ElectionCore:
         return was_leader
 
     def resign(self, now: float) -> int | None:
-        """Give up the tenure now; bid again only after a follower's poll period.
+        """Give up the tenure now; bid again only after every follower had its turn.
 
-        Returns the term to release in the database, if any. Not during a round.
+        The resigned peer holds its bids for :attr:`resign_hold` seconds, longer
+        than any follower's next poll even with drifting clocks, and ignores
+        ``down`` notifications meanwhile (a stale one could otherwise make it
+        bid at once and win its lease back). So another live peer takes over,
+        with or without notifications. Returns the term to release in the
+        database, if any. Not during a round.
         """
         if self.round_started_at is not None:
             raise CoreError("cannot resign during a round")
         term = self.held_term
         self.tenure = None
         if term is not None:
-            self.next_round_at = now + jitter(self.interval, self._rng)
+            self.next_round_at = now + self.resign_hold
+            self._hold_until = self.next_round_at
         return term
+
+    @property
+    def resign_hold(self) -> float:
+        """Seconds a resigned peer waits before bidding again.
+
+        A follower's next round is at most ``interval`` away on its own clock;
+        with rates differing by up to ``max_clock_drift`` (m) that is at most
+        ``interval * (1 + m) / (1 - m)`` on ours, plus the expiry slack.
+        """
+        m = self.max_clock_drift
+        return self.interval * (1 + m) / (1 - m) + self.expiry_slack
 
     def _distrust(self) -> None:
         if self.tenure is not None:
@@ -268,7 +286,7 @@ class ElectionCore:
 
         The caller coalesces: one pending wake-up runs one round.
         """
-        if self.closed or self.is_leader(now):
+        if self.closed or self.is_leader(now) or now < self._hold_until:
             return False
         if self.round_started_at is not None:
             self._wake_pending = True

@@ -284,7 +284,9 @@ class Peer(metaclass=NoPublicConstructor):
 
         This peer becomes follower at once (its leader-only work is cancelled
         and awaited), then it releases the lease and sends NOTIFY. It bids again
-        only after about one ``interval``. Returns True if a lease was released.
+        only after slightly more than one ``interval`` (every follower's next round
+        comes first, so another live peer takes over even without notifications).
+        Returns True if a lease was released.
         """
         await trio.lowlevel.checkpoint()
         if self._closing:
