@@ -31,6 +31,7 @@ from trio_peers.testing._postgres import (
     ExternalPostgres,
     PostgresNotFound,
     PostgresServer,
+    find_postgres_bindir,
     test_dsn_from_env,
 )
 
@@ -52,6 +53,17 @@ elif not os.environ.get("CI"):
 
 _POSTGRES_FIXTURES = frozenset({"pg_server", "pg_dsn", "pg"})
 _NOT_OURS = f"needs a server started by the suite ({ENV_TEST_DSN} is set)"
+
+
+def pytest_report_header() -> str:
+    """Say which PostgreSQL the suite will use, so a CI log shows it."""
+    dsn = test_dsn_from_env()
+    if dsn is not None:
+        return f"postgres: external server from {ENV_TEST_DSN}"
+    try:
+        return f"postgres: binaries in {find_postgres_bindir()}"
+    except PostgresNotFound:
+        return "postgres: no server binaries found"
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
