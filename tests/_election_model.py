@@ -199,6 +199,8 @@ class SimPeer:
     round: Round | None = None
     inbox: list[str] = dataclasses.field(default_factory=list)
     lost_pending: bool = False
+    resigned_at: float = -math.inf
+    """Local time of this process's last resign that gave up a term (it then holds its bids)."""
 
     @property
     def sender(self) -> str:
@@ -274,6 +276,10 @@ class Sim:
         t = self.now if t is None else t
         return [p for p in self.peers if p.alive and p.core.is_leader(p.local(t))]
 
+    def holding(self, peer: SimPeer) -> bool:
+        """Whether ``peer`` still holds its bids after its last resign."""
+        return peer.local(self.now) < peer.resigned_at + resign_hold(self.interval, self.drift)
+
     def notifications_in_flight(self) -> bool:
         return any(e[3] in ("_deliver", "_execute_release") for e in self._events)
 
@@ -327,6 +333,7 @@ class Sim:
         if term is not None:
             hold = resign_hold(self.interval, self.drift)
             self._check_delay("resign", peer.core.next_round_at - loc, hold, hold)
+            peer.resigned_at = loc
             self._release(peer, term)
         self.check()
         return True
@@ -668,9 +675,16 @@ def crash_bound(config: PeerConfig, statement_time: float) -> float:
 
 
 def heal_bound(config: PeerConfig, statement_time: float) -> float:
-    """docs/timing.rst, fault heal: from the end of all faults until some process leads."""
+    """docs/timing.rst, fault heal: from the end of all faults until some process leads.
+
+    The larger of: an orphaned lease from a round in flight at the heal running out,
+    then the crash bound; and every live process holding its bids after a resign
+    just before the heal (``resign_hold`` on a clock slow by ``m``), then one election.
+    """
     m = config.max_clock_drift
-    return config.effective_statement_timeout / (1 - m) + crash_bound(config, statement_time)
+    orphan = config.effective_statement_timeout / (1 - m) + crash_bound(config, statement_time)
+    held = resign_hold(config.interval, m) / (1 - m) + statement_time
+    return max(orphan, held)
 
 
 def graceful_bound(statement_time: float) -> float:

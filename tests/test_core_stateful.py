@@ -15,7 +15,7 @@ Safety invariants (checked after every simulated event, see the model module):
 
 Liveness (each bound is stated in docs/timing.rst):
 ``test_fault_heal_bound``, ``test_crash_handover_bound``,
-``test_graceful_handover_bound``, ``test_lost_notify_leader_bound``; the
+``test_graceful_handover_bound``, ``test_lost_notify_handover_bound``; the
 state machine also runs these checks from the states it reaches.
 """
 
@@ -34,11 +34,13 @@ from ._election_model import (
     graceful_bound,
     heal_bound,
     make_config,
+    resign_hold,
     tol,
 )
 
-#: pytest-timeout's limit (60 s) fits the default profiles; "thorough" runs 20x the examples.
-pytestmark = pytest.mark.timeout(60 * max(1, settings.default.max_examples // 100))
+#: Room for Hypothesis to shrink a failure (the suite-wide 60 s is too short for that);
+#: the "thorough" profile runs 20x the examples.
+pytestmark = pytest.mark.timeout(300 * max(1, settings.default.max_examples // 100))
 
 MAX_PEERS = 4
 NODES = "abcd"
@@ -160,6 +162,10 @@ def settle(sim: Sim) -> float:
     assert got is not None, (
         f"fault_heal_bound: no leader {bound:.6g}s after faults healed at t={t_heal:.6g}"
     )
+    # A process that resigned holds its bids (and so does not reconnect) for resign_hold;
+    # the handover bounds below count on followers that bid.
+    hold_db = resign_hold(sim.interval, sim.drift) / (1 - sim.drift)
+    sim.run_until(sim.now + hold_db, stop=lambda: not any(sim.holding(p) for p in sim.live()))
     # Every live process is connected again within one backoff (interval * BACKOFF_CAP).
     sim.run_until(sim.now + sim.interval, stop=lambda: all(p.connected for p in sim.live()))
     assert all(p.connected for p in sim.live())
@@ -194,20 +200,21 @@ def check_crash_handover(sim: Sim, wait: float) -> None:
 
 def check_resign_handover(sim: Sim, wait: float, delay: float, *, delivered: bool) -> None:
     """graceful_handover_bound: after a resign whose NOTIFY is delivered, another live
-    process leads within graceful_bound of the delivery. lost_notify_leader_bound: if
-    the NOTIFY is lost, some process leads within crash_bound of the resign."""
+    process leads within graceful_bound of the delivery. lost_notify_handover_bound: if
+    the NOTIFY is lost, another live process leads within crash_bound of the resign.
+
+    Older NOTIFYs may still be in flight (the resigned process ignores them while it
+    holds its bids)."""
     sim = sim.copy()
     if len(sim.live()) < 2:
         return
     settle(sim)
     sim.advance(wait * sim.interval)
     [leader] = sim.leaders()
-    # The bound is for this resign's NOTIFY. An older one still in flight would wake
-    # the resigned leader too, and it may win again (see
-    # test_core_properties.py::test_resigned_peer_ignores_stale_down).
-    sim.run_until(sim.now + 2 * sim.interval, stop=lambda: not sim.notifications_in_flight())
+    # (settle() waited out every resign hold: a follower that resigned less than
+    # resign_hold ago ignores the NOTIFY; see test_second_resign_within_a_hold_hands_back.)
     sim.run_until(sim.now + sim.interval, stop=lambda: leader.round is None)
-    assert not sim.notifications_in_flight() and leader.round is None
+    assert leader.round is None
     statement_time = sim.statement_time()
     sim.set_notify(delay=delay * sim.interval, lost=not delivered)
     t_resign = sim.now
@@ -217,13 +224,10 @@ def check_resign_handover(sim: Sim, wait: float, delay: float, *, delivered: boo
         deadline = delivery + graceful_bound(statement_time)
         name = "graceful_handover_bound"
     else:
-        # Without the NOTIFY the resigned leader races the followers and may win
-        # again (see test_resign_with_lost_notify_hands_over): only "a leader" holds.
         deadline = t_resign + crash_bound(sim.config, statement_time)
-        name = "lost_notify_leader_bound"
+        name = "lost_notify_handover_bound"
     got = sim.run_until(
-        deadline + tol(deadline),
-        stop=lambda: any(p is not leader or not delivered for p in sim.leaders()),
+        deadline + tol(deadline), stop=lambda: any(p is not leader for p in sim.leaders())
     )
     assert got is not None, f"{name}: no other leader by t={deadline:.6g} (resign at {t_resign})"
 
@@ -255,7 +259,7 @@ def test_graceful_handover_bound(
 
 
 @given(sim=sims(), history=histories, wait=st.floats(0.0, 2.0))
-def test_lost_notify_leader_bound(sim: Sim, history: list[tuple[Any, ...]], wait: float) -> None:
+def test_lost_notify_handover_bound(sim: Sim, history: list[tuple[Any, ...]], wait: float) -> None:
     for op in history:
         apply(sim, op)
     check_resign_handover(sim, wait, 0.0, delivered=False)
@@ -389,3 +393,61 @@ def test_resign_with_lost_notify_hands_over() -> None:
         if sim.leaders() == [leader]:
             rewon.append(seed)
     assert not rewon, f"the resigned leader won again for seeds {rewon}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library finding (since 804eebd): a peer that resigned less than resign_hold ago "
+    "ignores every `down`, also the release of a newer term, so a second resign leaves the "
+    "name without a leader for up to resign_hold",
+)
+def test_second_resign_within_a_hold_hands_back() -> None:
+    """A resigns (term 1) and B takes over on the NOTIFY; B resigns in turn (term 2) well
+    within A's resign_hold. B's NOTIFY releases a *newer* term than the one A gave up, so
+    it is not stale, and A should take over within graceful_bound of its delivery. Today
+    A ignores it and the name has no leader until A's hold ends."""
+    config = make_config(interval=10.0, leader_boost=2.0, max_clock_drift=0.01, st_fraction=0.25)
+    sim = Sim(config, seed=3)
+    a = sim.add_peer(node="a")
+    b = sim.add_peer(node="b")
+    sim.advance(1.0)
+    assert sim.leaders() == [a]
+    assert sim.resign(a)
+    sim.run_until(sim.now + 1.0, stop=lambda: b in sim.leaders())
+    assert sim.leaders() == [b]
+    sim.run_until(sim.now + 1.0, stop=lambda: b.round is None)
+    assert sim.resign(b)
+    t_notify = sim.now  # statements and NOTIFYs take no time here
+    got = sim.run_until(t_notify + graceful_bound(0.0) + 1.0, stop=lambda: bool(sim.leaders()))
+    assert got is not None and got <= t_notify + graceful_bound(0.0) + tol(t_notify), (
+        f"no leader until t={got} after B's NOTIFY at {t_notify}"
+    )
+
+
+def test_fault_heal_bound_counts_the_resign_hold() -> None:
+    """The fault-heal bound's resign_hold term is needed. A lost its tenure to a failing
+    connection (it still remembers term 1), B took term 2; then both resign, with NOTIFYs
+    lost, just before the faults end, and both clocks run slow by the full drift. Both
+    hold their bids for resign_hold, so nobody bids until the first hold ends: later than
+    the orphaned-lease term of the bound allows, within the documented bound."""
+    config = make_config(interval=1.0, leader_boost=2.0, max_clock_drift=0.25, st_fraction=0.01)
+    sim = Sim(config, seed=0)
+    a = sim.add_peer(node="a", rate=0.75)
+    b = sim.add_peer(node="b", rate=0.75)
+    sim.set_notify(delay=0.0, lost=True)
+    sim.advance(0.1)
+    assert sim.leaders() == [a]
+    sim.set_net(a, Net(fail="before"))  # A's renewals fail from now on
+    assert sim.run_until(sim.now + 3.0, stop=lambda: b in sim.leaders()) is not None
+    assert a.core.held_term == 1 and b.core.held_term == 2
+    sim.run_until(sim.now + 1.0, stop=lambda: a.round is None and b.round is None)
+    assert sim.resign(a) and sim.resign(b)
+    t_heal = sim.now
+    sim.heal()
+    sim.set_notify(delay=0.0, lost=True)  # lost NOTIFYs are not a fault the bound waits out
+    got = sim.run_until(t_heal + 10.0, stop=lambda: bool(sim.leaders()))
+    assert got is not None
+    m = config.max_clock_drift
+    orphan_term = config.effective_statement_timeout / (1 - m) + crash_bound(config, 0.0)
+    assert got - t_heal > orphan_term  # the first term alone would be violated
+    assert got - t_heal <= heal_bound(config, 0.0) + tol(got)  # the documented bound holds
