@@ -623,7 +623,7 @@ class Sim:
         down = parse_notification(payload)
         if down is None or down.name != NAME or down.sender == peer.sender:
             return
-        peer.core.notified_down(peer.local(t))
+        peer.core.notified_down(peer.local(t), down.term)
 
     # ------------------------------------------------------------------ invariants
 

@@ -242,3 +242,16 @@ def test_payload_round_trip_and_tolerant_parsing() -> None:
 
 def test_trusted_until_is_minus_inf_without_tenure() -> None:
     assert make_core().trusted_until == -math.inf
+
+
+def test_resigned_peer_ignores_stale_downs_but_follows_a_newer_release() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, won(3))
+    assert core.resign(1.0) == 3
+    held_until = core.next_round_at
+    assert not core.notified_down(2.0, 3)  # its own tenure's release, seen late
+    assert not core.notified_down(2.0, 2)  # an older one
+    assert not core.notified_down(2.0, None)  # unknown term: treated as stale
+    assert core.next_round_at == held_until
+    assert core.notified_down(2.0, 4)  # its successor resigned: bid now
+    assert core.next_round_at == 2.0

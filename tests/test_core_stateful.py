@@ -395,17 +395,11 @@ def test_resign_with_lost_notify_hands_over() -> None:
     assert not rewon, f"the resigned leader won again for seeds {rewon}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library finding (since 804eebd): a peer that resigned less than resign_hold ago "
-    "ignores every `down`, also the release of a newer term, so a second resign leaves the "
-    "name without a leader for up to resign_hold",
-)
 def test_second_resign_within_a_hold_hands_back() -> None:
     """A resigns (term 1) and B takes over on the NOTIFY; B resigns in turn (term 2) well
     within A's resign_hold. B's NOTIFY releases a *newer* term than the one A gave up, so
-    it is not stale, and A should take over within graceful_bound of its delivery. Today
-    A ignores it and the name has no leader until A's hold ends."""
+    it is not stale, and A takes over within graceful_bound of its delivery (this was a
+    strict xfail until ElectionCore.notified_down compared the released term)."""
     config = make_config(interval=10.0, leader_boost=2.0, max_clock_drift=0.01, st_fraction=0.25)
     sim = Sim(config, seed=3)
     a = sim.add_peer(node="a")

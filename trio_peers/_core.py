@@ -140,6 +140,7 @@ class ElectionCore:
         self.closed = False
         self._wake_pending = False
         self._hold_until = -math.inf
+        self._resigned_term = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -255,6 +256,7 @@ class ElectionCore:
         if term is not None:
             self.next_round_at = now + self.resign_hold
             self._hold_until = self.next_round_at
+            self._resigned_term = term
         return term
 
     @property
@@ -281,12 +283,18 @@ class ElectionCore:
         self._finish_round(now)
         self._distrust()
 
-    def notified_down(self, now: float) -> bool:
-        """Another peer released a lease of this name. Returns True to run a round now.
+    def notified_down(self, now: float, term: int | None = None) -> bool:
+        """Another peer released tenure ``term`` of this name. Returns True to run a round now.
 
-        The caller coalesces: one pending wake-up runs one round.
+        The caller coalesces: one pending wake-up runs one round. A peer that
+        resigned less than :attr:`resign_hold` ago ignores releases of the term
+        it gave up or older ones (stale, or its own successor's NOTIFY racing
+        its poll), but follows the release of a newer tenure: otherwise two
+        quick resigns in a row would leave the name without a leader.
         """
-        if self.closed or self.is_leader(now) or now < self._hold_until:
+        if self.closed or self.is_leader(now):
+            return False
+        if now < self._hold_until and (term is None or term <= self._resigned_term):
             return False
         if self.round_started_at is not None:
             self._wake_pending = True

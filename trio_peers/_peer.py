@@ -679,7 +679,7 @@ class Peer(metaclass=NoPublicConstructor):
         if down.name != self.name or down.sender == self._sender:
             self._counters.notifications_ignored += 1
             return
-        if self._core.notified_down(trio.current_time()):
+        if self._core.notified_down(trio.current_time(), down.term):
             self._resched.set()
 
     async def _watchdog(
