@@ -211,8 +211,7 @@ def check_resign_handover(sim: Sim, wait: float, delay: float, *, delivered: boo
     settle(sim)
     sim.advance(wait * sim.interval)
     [leader] = sim.leaders()
-    # (settle() waited out every resign hold: a follower that resigned less than
-    # resign_hold ago ignores the NOTIFY; see test_second_resign_within_a_hold_hands_back.)
+    # (settle() waited out every resign hold, so every follower is connected and LISTENs.)
     sim.run_until(sim.now + sim.interval, stop=lambda: leader.round is None)
     assert leader.round is None
     statement_time = sim.statement_time()

@@ -492,9 +492,7 @@ async def check_bounds(world: World) -> None:
         )
         assert got is not None, f"peer {i} did not reconnect within an interval"
 
-    # graceful_handover_bound. It needs a follower that bids on the NOTIFY: a peer that
-    # resigned less than resign_hold ago ignores it.
-    await world.wait_out_resign_holds()
+    # graceful_handover_bound (every follower is connected; none holds its bids)
     [leader] = rec.leaders()
     leader_peer = rec.peers[leader]
     assert leader_peer is not None
@@ -507,7 +505,7 @@ async def check_bounds(world: World) -> None:
 
     # crash_handover_bound (the leader is partitioned away, as if it had crashed)
     await trio.sleep(p.interval / 3)
-    await world.wait_out_resign_holds()
+    await world.wait_out_resign_holds()  # the bound counts on followers that bid
     [victim] = rec.leaders()
     world.links[victim].cut = True
     t_crash = trio.current_time()
