@@ -146,28 +146,17 @@ class _Connection:
 # ---------------------------------------------------------------------- determinism
 
 
-class _InsertionOrderedSet(dict[Any, None]):
-    """A set that iterates in insertion order (MemoryBackend's connection registry)."""
-
-    def add(self, item: object) -> None:
-        self[item] = None
-
-    def discard(self, item: object) -> None:
-        self.pop(item, None)
-
-
 @contextlib.contextmanager
 def deterministic(backend: MemoryBackend, seed: int) -> Iterator[None]:
     """Make an example replayable: Hypothesis already makes Trio's scheduling
     deterministic; also seed each peer's jitter (``Peer`` builds its core with an
-    unseeded ``random.Random()``) and make NOTIFY fan-out go in connection order
-    (MemoryBackend keeps connections in a ``set``, ordered by ``id()``)."""
+    unseeded ``random.Random()``). NOTIFY fan-out already goes in connection order
+    (MemoryBackend keeps its connections insertion-ordered)."""
     seeds = random.Random(seed)
 
     def seeded_core(**kwargs: Any) -> ElectionCore:
         return ElectionCore(rng=random.Random(seeds.getrandbits(64)), **kwargs)
 
-    backend._connections = _InsertionOrderedSet()  # type: ignore[assignment]
     with unittest.mock.patch.object(trio_peers._peer, "ElectionCore", seeded_core):
         yield
 

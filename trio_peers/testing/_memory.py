@@ -80,7 +80,9 @@ class MemoryBackend:
         """Seconds each statement waits (on Trio's clock) before it runs."""
         self.statements = 0
         """How many statements ran (elect, release, get_leader)."""
-        self._connections: set[_MemoryConnection] = set()
+        # Insertion-ordered (a dict used as a set), so NOTIFY delivery order and
+        # everything that follows from it replay exactly under a seeded test.
+        self._connections: dict[_MemoryConnection, None] = {}
 
     # ------------------------------------------------------------------ controls
 
@@ -209,7 +211,7 @@ class _MemoryConnector:
         await trio.lowlevel.checkpoint()
         self._backend._check(self._config)
         conn = _MemoryConnection(self._backend, self._config, on_notification, on_lost)
-        self._backend._connections.add(conn)
+        self._backend._connections[conn] = None
         return conn
 
 
@@ -236,7 +238,7 @@ class _MemoryConnection:
     def lose(self) -> None:
         if not self.closed:
             self.closed = True
-            self._backend._connections.discard(self)
+            self._backend._connections.pop(self, None)
             self._on_lost()
 
     async def _statement(self, limit: float) -> None:
@@ -276,4 +278,4 @@ class _MemoryConnection:
 
     def abort(self) -> None:
         self.closed = True
-        self._backend._connections.discard(self)
+        self._backend._connections.pop(self, None)
