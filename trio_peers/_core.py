@@ -320,10 +320,6 @@ class ElectionCore:
         self.tenure = None
         return term
 
-    def forget_tenure(self) -> None:
-        """Drop the held tenure without releasing it (e.g. leader work overran)."""
-        self.tenure = None
-
     # ------------------------------------------------------------------ schedule
 
     def backoff(self, failures: int) -> float:

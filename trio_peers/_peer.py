@@ -179,7 +179,6 @@ class Peer(metaclass=NoPublicConstructor):
         self._faulty = False
         self._table_missing_logged = False
         self._closing = False
-        self._closed = False
         self._stop_requested = trio.Event()
         self._served = trio.Event()
         self._stop_started = False
@@ -806,7 +805,6 @@ class Peer(metaclass=NoPublicConstructor):
                 self._conn_lock.release()
             await self._loop_done.wait()
             self._cell.close()
-            self._closed = True
         finally:
             self._stopped.set()
 
