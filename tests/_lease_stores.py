@@ -155,6 +155,24 @@ class Store:
         )
         assert status == "UPDATE 1", status
 
+    async def xid_and_wal(self) -> tuple[int, int]:
+        """PostgreSQL only: the next transaction id and the WAL insert position (bytes).
+
+        ``pg_snapshot_xmax(pg_current_snapshot())`` reads the next xid without assigning one.
+        """
+        sql = await self._raw()
+        rec = await self._aio(sql.fetchrow)(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xid, "
+            "pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint AS wal"
+        )
+        return rec["xid"], rec["wal"]
+
+    async def sql(self, query: str, *args: object) -> str:
+        """PostgreSQL only: run one statement on the test's own connection."""
+        sql = await self._raw()
+        status: str = await self._aio(sql.execute)(query, *args)
+        return status
+
     async def notify_sentinel(self, config: PeerConfig, payload: str) -> None:
         """Send ``payload`` on the channel from outside the peers (PostgreSQL: pg_notify)."""
         if self.memory is not None:

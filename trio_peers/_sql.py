@@ -47,25 +47,43 @@ class Statements:
     @property
     def elect(self) -> str:
         # $1 name, $2 node, $3 lease length (interval), $4 held term or NULL.
+        # docs/protocol.rst describes this statement; keep the two in step.
         #
         # One statement, so one round trip and one transaction. now() is the
         # statement's start: expiry and the expired check use the database
-        # clock only. The UPSERT's WHERE admits exactly two cases:
+        # clock only.
+        #
+        # `cur` reads the row from the statement's snapshot, without a lock. If it
+        # shows an unexpired lease of another tenure, the INSERT gets no row to
+        # insert, so a denied bid locks nothing and writes nothing: no transaction
+        # id, no WAL, no commit to flush. Otherwise (no row, an expired row, or
+        # our own tenure $4) the UPSERT runs, and its WHERE re-checks the newest
+        # row version under the row lock, admitting exactly two cases:
         #   * the lease is absent or expired: take it with term + 1;
         #   * this node holds exactly tenure $4 and it has not expired: renew it.
         # A renewal can therefore never touch another node's lease, nor another
-        # tenure of the same node value (oban#1488, oban-py#32).
-        # The outer SELECT reads the table as it was before the UPSERT, to report
-        # the current holder when the bid is denied. It also makes this
-        # statement's commit synchronous (transaction-local, so it works behind
-        # poolers and on servers that default to asynchronous commit): a new
-        # term must be durable before anyone acts on it, or a crash could hand
-        # the same term out twice.
+        # tenure of the same node value (oban#1488, oban-py#32). A snapshot that
+        # saw an expired lease which another peer took meanwhile locks the row
+        # and changes nothing (the only denied bid that writes: a lost race).
+        #
+        # The final SELECT reports the holder of a denied bid from the snapshot.
+        # It also makes this statement's commit synchronous (transaction-local, so
+        # it works behind poolers and on servers that default to asynchronous
+        # commit): a new term must be durable before anyone acts on it, or a
+        # crash could hand the same term out twice.
         t = self.qualified
         return f"""
-WITH attempt AS (
+WITH cur AS (
+    SELECT node, term, expires_at FROM {t} WHERE name = $1
+),
+attempt AS (
     INSERT INTO {t} AS p (name, node, term, started_at, expires_at)
-    VALUES ($1, $2, 1, now(), now() + $3::interval)
+    SELECT $1, $2, 1, now(), now() + $3::interval
+    WHERE NOT EXISTS (
+        SELECT FROM cur
+        WHERE cur.expires_at > now()
+          AND NOT (cur.node = $2 AND cur.term IS NOT DISTINCT FROM $4::bigint)
+    )
     ON CONFLICT (name) DO UPDATE SET
         node = EXCLUDED.node,
         term = CASE WHEN p.expires_at <= now() THEN p.term + 1 ELSE p.term END,
@@ -81,7 +99,7 @@ SELECT a.term AS won_term,
        EXTRACT(EPOCH FROM h.expires_at - now())::float8 AS holder_remaining
 FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 LEFT JOIN attempt AS a ON true
-LEFT JOIN {t} AS h ON a.term IS NULL AND h.name = $1 AND h.expires_at > now()
+LEFT JOIN cur AS h ON a.term IS NULL AND h.expires_at > now()
 """
 
     @property
