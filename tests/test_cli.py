@@ -221,7 +221,13 @@ def test_migrate_prefix_table_unlogged(
     )
     assert rows == [("u",)]
     assert main(["status", *argv]) == EXIT_OK
-    assert "no leader" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "no leader" in captured.out
+    # status says what an UNLOGGED table costs, on stderr (stdout stays the table or JSON).
+    assert "app.leases is UNLOGGED" in captured.err and "SET LOGGED" in captured.err
+    assert main(["status", *argv, "--json"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [] and "UNLOGGED" in captured.err
 
 
 def test_migrate_subprocess(pg_dsn: str) -> None:
@@ -278,7 +284,9 @@ def test_status_table(
     assert "alpha" not in out
 
     assert main(["status", "--dsn", migrated, "--name", "nobody"]) == EXIT_OK
-    assert "no lease for name 'nobody'" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "no lease for name 'nobody'" in captured.out
+    assert "UNLOGGED" not in captured.err  # a logged table: no warning
 
 
 def test_status_json(

@@ -344,11 +344,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     as_json: bool = args.json
     timeout: float = args.connect_timeout
     fetched: list[Mapping[str, object]] = []
+    unlogged: list[bool] = []
 
     async def run() -> None:
-        fetched.extend(
-            await fetch_status(dsn, prefix=prefix, table=table, connect_timeout=timeout)
+        rows, is_unlogged = await fetch_status(
+            dsn, prefix=prefix, table=table, connect_timeout=timeout
         )
+        fetched.extend(rows)
+        unlogged.append(is_unlogged)
 
     run_trio(run)
     rows = [LeaseRow.from_mapping(r) for r in fetched]
@@ -363,6 +366,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         for line in format_status_table(rows):
             _out(line)
         _out("(times from the database clock; an expired lease means no leader)")
+    if unlogged and unlogged[0]:
+        from ._asyncpg import unlogged_warning
+        from ._sql import Statements
+
+        # On stderr, so that --json output stays machine-readable.
+        _out(f"warning: {unlogged_warning(Statements(prefix, table))}", stream=sys.stderr)
     return EXIT_OK
 
 

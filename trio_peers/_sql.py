@@ -139,9 +139,12 @@ FROM released, (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 
     @property
     def table_shape(self) -> str:
-        # $1: the regclass text. Returns exists, columns (name:type) and primary key columns.
+        # $1: the regclass text. Returns exists, columns (name:type), primary key columns,
+        # and whether the table is UNLOGGED.
         return """
 SELECT c.oid IS NOT NULL AS present,
+       coalesce((SELECT r.relpersistence = 'u' FROM pg_class AS r WHERE r.oid = c.oid), false)
+           AS unlogged,
        (SELECT coalesce(array_agg(a.attname::text || ':' || format_type(a.atttypid, a.atttypmod)), '{}')
           FROM pg_attribute AS a
          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
