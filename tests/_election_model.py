@@ -330,6 +330,7 @@ class Sim:
             return False
         loc = peer.local(self.now)
         term = peer.core.resign(loc)
+        assert peer.core.take_release() == term  # the shell releases what take_release gives
         if term is not None:
             hold = resign_hold(self.interval, self.drift)
             self._check_delay("resign", peer.core.next_round_at - loc, hold, hold)

@@ -102,12 +102,32 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
         if connecting:  # asyncpg rejects a malformed DSN with ValueError
             raise BackendMisconfigured(f"invalid DSN: {exc}") from exc
         raise
+    except asyncio.CancelledError as exc:
+        # Trio's own cancellation arrives as trio.Cancelled; an asyncio.CancelledError
+        # (a BaseException) means the driver cancelled one of its own futures. It must
+        # not escape as if the peer were being cancelled: the round failed.
+        raise BackendUnavailable(f"asyncio task cancelled inside the driver: {exc!r}") from exc
 
 
 def _log_asyncio_error(loop: object, context: Mapping[str, object]) -> None:
-    """asyncio-flavoured loop exception handler: log, never re-raise (pitfall P9)."""
+    """asyncio-flavoured loop exception handler: log, never re-raise (pitfall P9).
+
+    An error of a dead connection on a future nobody awaits is expected: asyncpg
+    orphans its cancel request when a timed-out connection is terminated (P9), and
+    the peer learns of the connection's fate from its own statements. That is
+    logged at DEBUG. Anything else is a real problem somewhere, logged at ERROR
+    with its traceback.
+    """
     exc = context.get("exception")
-    log.debug("ignored asyncio error: %s", context.get("message"), exc_info=exc)  # type: ignore[arg-type]
+    message = context.get("message")
+    if isinstance(exc, _UNAVAILABLE):
+        log.debug("ignored asyncio error of a dead connection: %s", message, exc_info=exc)
+        return
+    log.error(
+        "trio-peers: unexpected error in the asyncio loop: %s",
+        message,
+        exc_info=exc if isinstance(exc, BaseException) else None,
+    )
 
 
 @asynccontextmanager
@@ -147,8 +167,11 @@ async def _aio_connect(
     return conn
 
 
-async def _aio_check_table(conn: Connection, sql: Statements, limit: float) -> None:
-    """asyncio-flavoured: raise TableMissing / SchemaError unless the table fits."""
+async def _aio_check_table(conn: Connection, sql: Statements, limit: float) -> bool:
+    """asyncio-flavoured: raise TableMissing / SchemaError unless the table fits.
+
+    Returns True if the table is UNLOGGED.
+    """
     row = await conn.fetchrow(sql.table_shape, sql.regclass, timeout=limit)
     if row is None or not row["present"]:
         raise TableMissing(
@@ -163,6 +186,19 @@ async def _aio_check_table(conn: Connection, sql: Statements, limit: float) -> N
             + "; ".join(problems)
             + ". Drop it and run trio_peers.migrate(), or choose another table."
         )
+    unlogged: bool = row["unlogged"]
+    return unlogged
+
+
+def unlogged_warning(sql: Statements) -> str:
+    """What a peer logs (once) about an UNLOGGED lease table: the guarantee lost and the fix."""
+    return (
+        f"the lease table {sql.prefix}.{sql.table} is UNLOGGED: PostgreSQL empties it after "
+        "a crash and a failover, so fencing terms can start again from 1 and a new leader "
+        "can be elected while the old one still trusts its lease (the term and single-leader "
+        f"guarantees do not hold across a crash). Make it logged: ALTER TABLE {sql.qualified} "
+        "SET LOGGED"
+    )
 
 
 @final
@@ -171,6 +207,7 @@ class _Prepared:
     conn: Connection
     elect: PreparedStatement | None
     release: PreparedStatement | None
+    unlogged: bool
 
 
 async def _aio_open_peer_connection(
@@ -189,7 +226,7 @@ async def _aio_open_peer_connection(
     conn = await _aio_connect(config.dsn, config.connect_timeout, statement_cache=config.listen)
     try:
         timeout = config.connect_timeout
-        await _aio_check_table(conn, sql, timeout)
+        unlogged = await _aio_check_table(conn, sql, timeout)
         elect = release = None
         if config.listen:
             elect = await conn.prepare(sql.elect, timeout=timeout)
@@ -199,7 +236,7 @@ async def _aio_open_peer_connection(
     except BaseException:
         conn.terminate()
         raise
-    return _Prepared(conn, elect, release)
+    return _Prepared(conn, elect, release, unlogged)
 
 
 async def _aio_migrate(conn: Connection, sql: Statements, unlogged: bool) -> bool:
@@ -314,6 +351,7 @@ class AsyncpgConnector:
         self._config = config
         self._loop = loop
         self._sql = Statements(config.prefix, config.table)
+        self._unlogged_warned = False
 
     async def connect(
         self,
@@ -338,6 +376,9 @@ class AsyncpgConnector:
             prepared = await _aio(_aio_open_peer_connection, self._loop)(
                 self._config, self._sql, on_notify, on_terminate
             )
+        if prepared.unlogged and not self._unlogged_warned:
+            self._unlogged_warned = True  # once per peer
+            log.warning("trio-peers %s: %s", self._config.name, unlogged_warning(self._sql))
         return AsyncpgConnection(prepared, self._config, self._sql, self._loop)
 
 
@@ -422,16 +463,17 @@ async def migrate(
 
 async def fetch_status(
     dsn: str, *, prefix: str = "public", table: str = "trio_peers", connect_timeout: float = 10.0
-) -> list[Mapping[str, object]]:
-    """Trio-flavoured: every row of a lease table with database-clock ``remaining`` seconds."""
+) -> tuple[list[Mapping[str, object]], bool]:
+    """Trio-flavoured: every row of a lease table with database-clock ``remaining`` seconds,
+    and whether the table is UNLOGGED."""
     check_identifier("prefix", prefix)
     check_identifier("table", table)
     sql = Statements(prefix, table)
     async with connect_once(dsn, connect_timeout=connect_timeout) as conn:
         with _mapped():
-            await _aio(_aio_check_table)(conn, sql, connect_timeout)
+            unlogged: bool = await _aio(_aio_check_table)(conn, sql, connect_timeout)
             rows: list[Record] = await _aio(conn.fetch)(sql.status, timeout=connect_timeout)
-    return [dict(r.items()) for r in rows]
+    return [dict(r.items()) for r in rows], unlogged
 
 
 @asynccontextmanager
