@@ -103,6 +103,70 @@ LEFT JOIN cur AS h ON a.term IS NULL AND h.expires_at > now()
 """
 
     @property
+    def elect_many(self) -> str:
+        # Many names in one statement: the batched form of `elect`, for sessions that run
+        # the rounds of many names at once (docs/protocol.rst, "Batched elections").
+        # $1 names, $2 nodes, $3 lease lengths in seconds, $4 held terms (NULL: none), as
+        # arrays of one length; the names must be distinct (PostgreSQL refuses to update
+        # one row twice in one ON CONFLICT).
+        #
+        # Per name, the same rules as `elect`: a snapshot read first; a pure read (no lock,
+        # nothing written) when it shows a live lease of another tenure. The rows it may
+        # write are locked in name order with SKIP LOCKED, so a batch never waits for a
+        # row that another transaction holds (another session's batch, a fenced write):
+        # such a name is reported busy and left alone, and two batches cannot deadlock.
+        # An absent row is inserted; a concurrent insert of the same name makes this
+        # statement wait for that one (another election: a few milliseconds).
+        t = self.qualified
+        return f"""
+WITH req AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[])
+        AS r(name, node, lease, held)
+),
+cur AS (
+    SELECT t.name, t.node, t.term, t.expires_at FROM {t} AS t JOIN req USING (name)
+),
+want AS (
+    SELECT r.* FROM req AS r LEFT JOIN cur AS c USING (name)
+    WHERE c.name IS NULL OR c.expires_at <= now() OR (c.node = r.node AND c.term = r.held)
+),
+locked AS (
+    SELECT t.name FROM {t} AS t JOIN want USING (name)
+    ORDER BY t.name FOR UPDATE OF t SKIP LOCKED
+),
+attempt AS (
+    INSERT INTO {t} AS p (name, node, term, started_at, expires_at)
+    SELECT w.name, w.node, 1, now(), now() + make_interval(secs => w.lease)
+    FROM want AS w
+    WHERE w.name IN (SELECT name FROM locked) OR w.name NOT IN (SELECT name FROM cur)
+    ORDER BY w.name
+    ON CONFLICT (name) DO UPDATE SET
+        node = EXCLUDED.node,
+        term = CASE WHEN p.expires_at <= now() THEN p.term + 1 ELSE p.term END,
+        started_at = CASE WHEN p.expires_at <= now() THEN now() ELSE p.started_at END,
+        expires_at = EXCLUDED.expires_at
+    WHERE p.expires_at <= now()
+       OR (p.node = EXCLUDED.node AND p.term = (SELECT r.held FROM req AS r WHERE r.name = p.name))
+    RETURNING p.name, p.term, p.expires_at
+)
+SELECT r.name,
+       a.term AS won_term,
+       EXTRACT(EPOCH FROM a.expires_at - now())::float8 AS won_remaining,
+       (a.name IS NULL
+        AND r.name IN (SELECT name FROM want)
+        AND r.name IN (SELECT name FROM cur)
+        AND r.name NOT IN (SELECT name FROM locked)) AS busy,
+       c.node AS holder_node,
+       c.term AS holder_term,
+       EXTRACT(EPOCH FROM c.expires_at - now())::float8 AS holder_remaining
+FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
+CROSS JOIN req AS r
+LEFT JOIN attempt AS a ON a.name = r.name
+LEFT JOIN cur AS c ON a.name IS NULL AND c.name = r.name AND c.expires_at > now()
+ORDER BY r.name
+"""
+
+    @property
     def release(self) -> str:
         # $1 name, $2 node, $3 term, $4 channel, $5 payload.
         # Expire the tenure in place (the row keeps the term counter, so terms
