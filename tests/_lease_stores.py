@@ -155,6 +155,27 @@ class Store:
         )
         assert status == "UPDATE 1", status
 
+    @contextlib.asynccontextmanager
+    async def row_locked(self, name: str = "default") -> AsyncIterator[None]:
+        """Hold the row of ``name`` locked, as another transaction would, inside the block."""
+        if self.memory is not None:
+            await trio.lowlevel.checkpoint()
+            self.memory.lock_row(name)
+            try:
+                yield
+            finally:
+                self.memory.unlock_row(name)
+            return
+        locker = await self._aio(asyncpg.connect)(self.dsn)
+        try:
+            await self._aio(locker.execute)("BEGIN")
+            await self._aio(locker.execute)(
+                "SELECT 1 FROM trio_peers WHERE name = $1 FOR UPDATE", name
+            )
+            yield
+        finally:
+            locker.terminate()
+
     async def xid_and_wal(self) -> tuple[int, int]:
         """PostgreSQL only: the next transaction id and the WAL insert position (bytes).
 

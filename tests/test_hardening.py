@@ -23,6 +23,7 @@ from trio_peers import (
     BackendUnavailable,
     ElectionOutcome,
     LeaderInfo,
+    Peer,
     PeerConfig,
     current_term,
     open_peer,
@@ -461,3 +462,45 @@ def test_asyncio_loop_errors_are_filtered_not_hidden(caplog: pytest.LogCaptureFi
     assert by_level[logging.ERROR].exc_info is not None
     assert by_level[logging.ERROR].exc_info[1] is bug
     assert len(caplog.records) == 2
+
+
+# ---------------------------------------------------------------------- a locked lease row
+
+
+async def test_locked_row_busy_leader_keeps_its_deadline_and_nobody_takes_over(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another transaction holds the lease row (a long fenced write): renewals do not wait
+    for the lock and are not failures (no reconnect, one log line); the leader keeps
+    trusting until its deadline, then no one leads until the row is free."""
+    backend = MemoryBackend()
+    with caplog.at_level(logging.INFO, logger="trio_peers"):
+        async with (
+            open_peer(cfg("a"), backend=backend) as a,
+            open_peer(cfg("b"), backend=backend) as b,
+        ):
+            deadline = a._core.trusted_until
+            backend.lock_row()
+            await a.wait_follower()
+            assert trio.current_time() == pytest.approx(deadline)  # not cut short, not extended
+            await trio.sleep(3 * INTERVAL)  # the row stays locked past the lease's expiry
+            assert not a.is_leader and not b.is_leader
+            for peer in (a, b):
+                stats = peer.statistics()
+                assert stats.connects == 1 and stats.elections_failed == 0
+                assert stats.elections_busy >= 1
+            # Bounded retry rate while busy: backoff up to interval / 2.
+            assert a.statistics().elections_run < 3 * INTERVAL / (INTERVAL / 2) + 15
+            backend.unlock_row()
+            with trio.fail_after(INTERVAL):
+                async with trio.open_nursery() as race:  # a leader again, whichever peer
+
+                    async def lead(peer: Peer, race: trio.Nursery = race) -> None:
+                        await peer.wait_leader()
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(lead, a)
+                    race.start_soon(lead, b)
+    busy_logs = [r for r in caplog.records if "locked by another transaction" in r.getMessage()]
+    assert len(busy_logs) <= 2  # at most once per peer
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == busy_logs

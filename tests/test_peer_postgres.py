@@ -708,3 +708,36 @@ async def test_logged_table_gives_no_unlogged_warning(
         async with open_peer(cfg(dsn, "a")) as a:
             assert a.is_leader
     assert not [r for r in caplog.records if "UNLOGGED" in r.getMessage()]
+
+
+async def test_row_locked_by_another_transaction_is_busy_not_a_fault(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transaction holding the lease row (a long fenced write): the election statement does
+    not wait for it. The leader keeps its trust deadline (then steps down), nobody takes over
+    while the row is held, no peer reconnects, each logs once; the row freed, a leader again."""
+    with caplog.at_level(logging.WARNING, logger="trio_peers"):
+        async with (
+            open_sql(dsn) as locker,
+            open_peer(cfg(dsn, "a")) as a,
+            open_peer(cfg(dsn, "b")) as b,
+        ):
+            assert a.is_leader
+            await locker.execute("BEGIN")
+            await locker.execute("SELECT 1 FROM trio_peers WHERE name = 'default' FOR UPDATE")
+            deadline = a._core.trusted_until
+            await wait_for(lambda: not a.is_leader, limit=INTERVAL * 2)
+            assert trio.current_time() >= deadline  # the renewals were busy, not failed
+            await trio.sleep(INTERVAL * 2)  # the lease expired meanwhile: still nobody leads
+            assert not (a.is_leader or b.is_leader)
+            for peer in (a, b):
+                stats = peer.statistics()
+                assert stats.connects == 1, stats
+                assert stats.elections_failed == 0, stats.last_error
+            assert a.statistics().elections_busy >= 1
+            await locker.execute("ROLLBACK")
+            await wait_for(lambda: a.is_leader or b.is_leader, limit=INTERVAL * 2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings, "the lock is worth one warning"
+    assert all("locked by another transaction" in w for w in warnings)
+    assert len(warnings) <= 2  # one per peer at most

@@ -300,6 +300,7 @@ class AsyncpgConnection:
             holder_node=row["holder_node"],
             holder_term=row["holder_term"],
             holder_remaining=row["holder_remaining"],
+            busy=row["busy"],
         )
 
     async def release(

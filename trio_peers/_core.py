@@ -74,6 +74,9 @@ class ElectionOutcome:
     """If denied: the term of that lease."""
     holder_remaining: float | None = None
     """If denied: seconds until that lease expires, per the database."""
+    busy: bool = False
+    """Not won, and nothing done: the statement could have taken or renewed the lease,
+    but another transaction held the row locked (it does not wait for such a lock)."""
 
 
 class Change(enum.Enum):
@@ -93,6 +96,10 @@ class Change(enum.Enum):
     """The round failed; trust (if any) ended."""
     REPLACED = "replaced"
     """Held a tenure and took a new one with a higher term in the same round."""
+    BUSY = "busy"
+    """The lease row was locked by another transaction; nothing changed. A held tenure
+    keeps its trust deadline: no extension, and no cut (nobody else can take the row
+    while it is locked, and the lease granted earlier still stands)."""
 
 
 @final
@@ -137,6 +144,7 @@ class ElectionCore:
         self.next_round_at: float = -math.inf
         self.round_started_at: float | None = None
         self.failures = 0
+        self.busy_rounds = 0
         self.closed = False
         self._wake_pending = False
         self._hold_until = -math.inf
@@ -187,15 +195,20 @@ class ElectionCore:
 
     def round_succeeded(self, now: float, outcome: ElectionOutcome) -> Change:
         """The statement of the current round returned ``outcome`` at ``now``."""
-        start = self._finish_round(now)
-        wake = self._take_wake()
         if outcome.term is not None and (
             outcome.lease_remaining is None or outcome.lease_remaining <= 0
         ):
             raise CoreError("a won round must report a positive lease_remaining")
+        if outcome.term is not None and outcome.busy:
+            raise CoreError("a busy round cannot have won")
+        start = self._finish_round(now)
+        wake = self._take_wake()
         was_trusted = self.tenure is not None and start < self.tenure.trusted_until
         before = self.tenure
         self.failures = 0
+        if outcome.busy:
+            return self._round_busy(now)
+        self.busy_rounds = 0
         if outcome.term is None:
             self.tenure = None
             self.next_round_at = now if wake else self._follower_next(start, now, outcome)
@@ -215,6 +228,19 @@ class ElectionCore:
             change = Change.RENEWED if was_trusted else Change.RESUMED
         self._complete_requested_resign(now)
         return change
+
+    def _round_busy(self, now: float) -> Change:
+        # Retry with the backoff of failed rounds (a lock may be held for long: a fenced
+        # transaction), but a leader retries in time to renew before its trust ends.
+        self.busy_rounds += 1
+        retry = now + self.backoff(self.busy_rounds)
+        if self.tenure is not None:
+            last_chance = self.tenure.trusted_until - self.statement_timeout
+            if now < last_chance:
+                retry = min(retry, last_chance)
+        self.next_round_at = retry
+        self._complete_requested_resign(now)
+        return Change.BUSY
 
     def round_failed(self, now: float, *, retry_after: float | None = None) -> Change:
         """The statement of the current round failed (error or timeout) at ``now``.

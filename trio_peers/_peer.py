@@ -103,6 +103,9 @@ class PeerStatistics:
     """Rounds started (each one statement)."""
     elections_failed: int
     """Rounds that failed (error, timeout, lost connection)."""
+    elections_busy: int
+    """Rounds that found the lease row locked by another transaction and changed
+    nothing (a leader keeps its trust deadline meanwhile; see :doc:`/protocol`)."""
     tenures_gained: int
     """Times this peer took a new tenure."""
     notifications_received: int
@@ -121,6 +124,7 @@ class PeerStatistics:
 class _Counters:
     elections_run: int = 0
     elections_failed: int = 0
+    elections_busy: int = 0
     tenures_gained: int = 0
     notifications_received: int = 0
     notifications_ignored: int = 0
@@ -391,6 +395,7 @@ class Peer(metaclass=NoPublicConstructor):
             connected=self._conn is not None,
             elections_run=c.elections_run,
             elections_failed=c.elections_failed,
+            elections_busy=c.elections_busy,
             tenures_gained=c.tenures_gained,
             notifications_received=c.notifications_received,
             notifications_ignored=c.notifications_ignored,
@@ -739,6 +744,16 @@ class Peer(metaclass=NoPublicConstructor):
             log.info("trio-peers %s: lease table found", self.name)
         if change in (Change.GAINED, Change.REPLACED):
             self._counters.tenures_gained += 1
+        if change is Change.BUSY:
+            self._counters.elections_busy += 1
+            if self._core.busy_rounds == 1:  # once per streak, not per retry
+                log.warning(
+                    "trio-peers %s (%s): the lease row is locked by another transaction "
+                    "(a fenced write, or someone else); not waiting for it, retrying%s",
+                    self.name,
+                    self.node,
+                    "; leading until the current trust deadline" if self.is_leader else "",
+                )
         self._publish()
 
     # ------------------------------------------------------------------ tasks

@@ -76,14 +76,22 @@ class Statements:
 WITH cur AS (
     SELECT node, term, expires_at FROM {t} WHERE name = $1
 ),
-attempt AS (
-    INSERT INTO {t} AS p (name, node, term, started_at, expires_at)
-    SELECT $1, $2, 1, now(), now() + $3::interval
-    WHERE NOT EXISTS (
+may AS (
+    SELECT NOT EXISTS (
         SELECT FROM cur
         WHERE cur.expires_at > now()
           AND NOT (cur.node = $2 AND cur.term IS NOT DISTINCT FROM $4::bigint)
-    )
+    ) AS write
+),
+locked AS (
+    SELECT name FROM {t} WHERE name = $1 AND (SELECT write FROM may)
+    FOR UPDATE SKIP LOCKED
+),
+attempt AS (
+    INSERT INTO {t} AS p (name, node, term, started_at, expires_at)
+    SELECT $1, $2, 1, now(), now() + $3::interval
+    WHERE (SELECT write FROM may)
+      AND (EXISTS (SELECT FROM locked) OR NOT EXISTS (SELECT FROM cur))
     ON CONFLICT (name) DO UPDATE SET
         node = EXCLUDED.node,
         term = CASE WHEN p.expires_at <= now() THEN p.term + 1 ELSE p.term END,
@@ -94,6 +102,8 @@ attempt AS (
 )
 SELECT a.term AS won_term,
        EXTRACT(EPOCH FROM a.expires_at - now())::float8 AS won_remaining,
+       (a.term IS NULL AND (SELECT write FROM may) AND EXISTS (SELECT FROM cur)
+        AND NOT EXISTS (SELECT FROM locked)) AS busy,
        h.node AS holder_node,
        h.term AS holder_term,
        EXTRACT(EPOCH FROM h.expires_at - now())::float8 AS holder_remaining
