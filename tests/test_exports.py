@@ -34,6 +34,7 @@ def test_private_helpers_are_not_exported() -> None:
         trio_peers.PeerStatistics,
         trio_peers.LeaderScope,
         trio_peers.ElectionOutcome,
+        trio_peers.Fence,
         trio_peers.AsyncpgBackend,
         trio_peers.testing.MemoryBackend,
         trio_peers.testing.PostgresServer,

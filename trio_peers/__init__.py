@@ -20,11 +20,13 @@ from ._core import ElectionOutcome as ElectionOutcome
 from ._exceptions import (
     BackendMisconfigured as BackendMisconfigured,
     BackendUnavailable as BackendUnavailable,
+    LeadershipLost as LeadershipLost,
     PeerError as PeerError,
     SchemaError as SchemaError,
     TableMissing as TableMissing,
     TrioPeersInternalError as TrioPeersInternalError,
 )
+from ._fence import Fence as Fence
 from ._peer import (
     LeaderScope as LeaderScope,
     Peer as Peer,
@@ -41,10 +43,12 @@ __all__ = [
     "BackendMisconfigured",
     "BackendUnavailable",
     "ElectionOutcome",
+    "Fence",
     "LeaderInfo",
     "LeaderScope",
     "LeadershipChange",
     "LeadershipChannel",
+    "LeadershipLost",
     "Peer",
     "PeerBackend",
     "PeerConfig",

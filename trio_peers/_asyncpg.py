@@ -34,7 +34,14 @@ import trio_asyncio
 from ._backend import BackendConnection, BackendConnector, LeaderInfo
 from ._config import PeerConfig, check_identifier
 from ._core import ElectionOutcome, down_payload
-from ._exceptions import BackendMisconfigured, BackendUnavailable, SchemaError, TableMissing
+from ._exceptions import (
+    BackendMisconfigured,
+    BackendUnavailable,
+    LeadershipLost,
+    SchemaError,
+    TableMissing,
+)
+from ._fence import Fence
 from ._sql import MIGRATE_LOCK_KEY, Statements, shape_problems
 from ._util import raise_single
 
@@ -398,6 +405,46 @@ class AsyncpgBackend:
 
     def open(self, config: PeerConfig) -> AbstractAsyncContextManager[BackendConnector]:
         return self._open(config)
+
+
+@asynccontextmanager
+async def fenced_transaction(
+    conn: Connection, fence: Fence, *, cleanup_timeout: float
+) -> AsyncIterator[Fence]:
+    """Trio-flavoured: a transaction on the caller's asyncpg connection, opened with ``fence``.
+
+    The connection belongs to the caller's own trio-asyncio loop (the current one). Each step
+    is one ``aio_as_trio`` hop; ROLLBACK runs shielded under ``cleanup_timeout`` (a cancelled
+    Trio-side transaction would otherwise never send it, DRIVER P2), falling back to
+    ``terminate()``.
+    """
+    await _aio(conn.execute)("BEGIN")
+    try:
+        try:
+            row = await _aio(conn.fetchrow)(fence.sql, *fence.args)
+        except (
+            asyncpg.exceptions.SerializationError,
+            asyncpg.exceptions.LockNotAvailableError,
+        ) as exc:
+            raise LeadershipLost(
+                f"term {fence.term} of {fence.name!r} could not be fenced: {exc}"
+            ) from exc
+        if row is None:
+            raise LeadershipLost(
+                f"term {fence.term} of {fence.name!r} no longer holds the lease "
+                f"(another tenure began, or the lease expired); rolled back"
+            )
+        yield fence
+    except BaseException:
+        with trio.move_on_after(cleanup_timeout, shield=True) as scope:
+            try:
+                await _aio(conn.execute)("ROLLBACK")
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                conn.terminate()
+        if scope.cancelled_caught:
+            conn.terminate()
+        raise
+    await _aio(conn.execute)("COMMIT")
 
 
 @asynccontextmanager

@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Final, Literal, TypeVarTuple, Unpack, final
+from typing import TYPE_CHECKING, Final, Literal, TypeVarTuple, Unpack, final
 
 import attrs
 import trio
@@ -34,11 +34,17 @@ from ._core import Change, ElectionCore, parse_notification
 from ._exceptions import (
     BackendMisconfigured,
     BackendUnavailable,
+    LeadershipLost,
     PeerError,
     SchemaError,
     TableMissing,
 )
+from ._fence import Fence, make_fence
+from ._sql import Statements
 from ._util import NoPublicConstructor, raise_single
+
+if TYPE_CHECKING:
+    import asyncpg
 
 log: Final = logging.getLogger("trio_peers")
 
@@ -209,6 +215,7 @@ class Peer(metaclass=NoPublicConstructor):
             max_clock_drift=config.max_clock_drift,
         )
         self._cell = LeadershipCell(config.name, config.node, now)
+        self._statements = Statements(config.prefix, config.table)
         self._sender = secrets.token_hex(8)
         self._connector: BackendConnector | None = None
         self._conn: BackendConnection | None = None
@@ -380,6 +387,46 @@ class Peer(metaclass=NoPublicConstructor):
             return False
         await resignation.done.wait()
         return resignation.released
+
+    def fence(self) -> Fence:
+        """The fencing statement of the current tenure. Sync; builds text, no I/O.
+
+        Run it inside the transaction of a leader-only write, on any connection to the lease
+        table's database (see :class:`~trio_peers.Fence`): while that transaction is open no
+        other tenure can begin, and a fence of an ended tenure returns no row. The writer's
+        role needs ``SELECT`` and ``UPDATE`` on the lease table (row locks need ``UPDATE``).
+
+        Raises:
+          LeadershipLost: this peer does not lead now.
+        """
+        term = self.term
+        if term is None:
+            raise LeadershipLost(f"{self.node} does not lead {self.name!r}: nothing to fence")
+        return make_fence(self._statements, name=self.name, node=self.node, term=term)
+
+    def fenced_transaction(
+        self, conn: asyncpg.Connection, *, fence: Fence | None = None
+    ) -> AbstractAsyncContextManager[Fence]:
+        """A transaction on your asyncpg connection whose writes commit only within this tenure.
+
+        ``async with peer.fenced_transaction(conn) as fence:`` begins a transaction on
+        ``conn`` (an asyncpg connection of your own trio-asyncio loop), runs :meth:`fence`
+        (or the ``fence`` given), and raises :exc:`~trio_peers.LeadershipLost` after rolling
+        back if another tenure began. The block's statements then run in that transaction;
+        it commits when the block ends, and rolls back if the block raises or is cancelled
+        (shielded, bounded by ``cleanup_timeout``). Keep it short compared with
+        ``interval / leader_boost``: while it is open, this leader cannot renew either.
+
+        Raises:
+          LeadershipLost: this peer does not lead, or the fence found another tenure.
+        """
+        from ._asyncpg import fenced_transaction
+
+        return fenced_transaction(
+            conn,
+            fence if fence is not None else self.fence(),
+            cleanup_timeout=self._config.cleanup_timeout,
+        )
 
     def statistics(self) -> PeerStatistics:
         """A frozen snapshot of this peer's state and counters. Sync."""

@@ -196,6 +196,20 @@ FROM released, (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 """
 
     @property
+    def fence(self) -> str:
+        # $1 name, $2 node, $3 term. Run by the application inside its own transaction
+        # (docs/protocol.rst, "Fences"). clock_timestamp(): the statement's own time, not
+        # the transaction's start (a fence may run late in a long transaction). FOR SHARE
+        # holds the row against every election that would write it (they lock it FOR
+        # UPDATE, SKIP LOCKED: busy) until the transaction ends. The placeholders appear
+        # once each and in order, so they can be rewritten for other drivers.
+        return (
+            f"SELECT term FROM {self.qualified} "
+            "WHERE name = $1 AND node = $2 AND term = $3 AND expires_at > clock_timestamp() "
+            "FOR SHARE"
+        )
+
+    @property
     def get_leader(self) -> str:
         return (
             f"SELECT name, node, term, started_at, expires_at FROM {self.qualified} "
