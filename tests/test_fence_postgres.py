@@ -73,10 +73,13 @@ async def test_fenced_transaction_commits_within_the_tenure(dsn: str) -> None:
             await run(conn, "INSERT INTO writes VALUES ($1, 'x')", fence.term)
         assert await sql.fetch("SELECT term, value FROM writes") == [(1, "x")]
         # A failing block rolls back.
-        with pytest.raises(ZeroDivisionError):
+        async def failing_block() -> None:
             async with a.fenced_transaction(conn):
                 await run(conn, "INSERT INTO writes VALUES (1, 'y')")
-                1 / 0  # noqa: B018
+                raise ZeroDivisionError
+
+        with pytest.raises(ZeroDivisionError):
+            await failing_block()
         # So does a cancelled one (shielded ROLLBACK: the connection stays usable).
         with trio.move_on_after(0.2):
             async with a.fenced_transaction(conn):
@@ -97,8 +100,7 @@ async def test_a_stale_fence_returns_no_row_and_cannot_commit(dsn: str) -> None:
                 row = await sql.fetchrow(stale.sql, *stale.args)
                 assert row is None
                 with pytest.raises(LeadershipLost, match="no longer holds the lease"):
-                    async with a.fenced_transaction(conn, fence=stale):
-                        await run(conn, "INSERT INTO writes VALUES ($1, 'late')", stale.term)
+                    await a.fenced_transaction(conn, fence=stale).__aenter__()
         assert await sql.fetch("SELECT * FROM writes") == []
 
 
