@@ -18,7 +18,7 @@ import asyncpg
 import trio
 import trio_asyncio
 
-from trio_peers import LeadershipLost, PeerConfig, open_peer
+from trio_peers import PeerConfig, TenureLost, open_peer
 
 
 def emit(event: str, **fields: object) -> None:
@@ -37,7 +37,7 @@ async def pause(dsn: str, config: PeerConfig) -> None:
                 await trio_asyncio.aio_as_trio(conn.execute)(
                     "INSERT INTO writes VALUES ($1, $2, 0)", fence.term, config.node
                 )
-        except LeadershipLost:
+        except TenureLost:
             emit("refused")
         else:
             emit("committed")
@@ -64,7 +64,7 @@ async def stress(dsn: str, config: PeerConfig) -> None:
                         await trio_asyncio.aio_as_trio(conn.execute)(
                             "INSERT INTO writes VALUES ($1, $2, $3)", fence.term, config.node, seq
                         )
-                except (LeadershipLost, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                except (TenureLost, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                     await trio.sleep(0.01)
                     if conn.is_closed():
                         conn = await trio_asyncio.aio_as_trio(asyncpg.connect)(dsn)

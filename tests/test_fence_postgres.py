@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from trio_peers import Fence, LeadershipLost, Peer, open_peer
+from trio_peers import Fence, Peer, TenureLost, open_peer
 from trio_peers.testing import PostgresServer
 
 from ._pgutil import open_sql, peer_config, wait_for
@@ -54,7 +54,7 @@ async def run(conn: asyncpg.Connection, query: str, *args: object) -> str:
 
 async def test_fence_needs_leadership_and_names_the_tenure(dsn: str) -> None:
     async with open_peer(peer_config(dsn, "a")) as a, open_peer(peer_config(dsn, "b")) as b:
-        with pytest.raises(LeadershipLost, match="does not lead"):
+        with pytest.raises(TenureLost, match="does not lead"):
             b.fence()
         fence = a.fence()
         assert (fence.name, fence.node, fence.term) == ("default", "a", a.term)
@@ -72,6 +72,7 @@ async def test_fenced_transaction_commits_within_the_tenure(dsn: str) -> None:
         async with a.fenced_transaction(conn) as fence:
             await run(conn, "INSERT INTO writes VALUES ($1, 'x')", fence.term)
         assert await sql.fetch("SELECT term, value FROM writes") == [(1, "x")]
+
         # A failing block rolls back.
         async def failing_block() -> None:
             async with a.fenced_transaction(conn):
@@ -99,7 +100,7 @@ async def test_a_stale_fence_returns_no_row_and_cannot_commit(dsn: str) -> None:
                 assert await b.wait_leader() == stale.term + 1
                 row = await sql.fetchrow(stale.sql, *stale.args)
                 assert row is None
-                with pytest.raises(LeadershipLost, match="no longer holds the lease"):
+                with pytest.raises(TenureLost, match="no longer holds the lease"):
                     await a.fenced_transaction(conn, fence=stale).__aenter__()
         assert await sql.fetch("SELECT * FROM writes") == []
 

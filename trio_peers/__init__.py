@@ -20,10 +20,10 @@ from ._core import ElectionOutcome as ElectionOutcome
 from ._exceptions import (
     BackendMisconfigured as BackendMisconfigured,
     BackendUnavailable as BackendUnavailable,
-    LeadershipLost as LeadershipLost,
     PeerError as PeerError,
     SchemaError as SchemaError,
     TableMissing as TableMissing,
+    TenureLost as TenureLost,
     TrioPeersInternalError as TrioPeersInternalError,
 )
 from ._fence import Fence as Fence
@@ -48,7 +48,6 @@ __all__ = [
     "LeaderScope",
     "LeadershipChange",
     "LeadershipChannel",
-    "LeadershipLost",
     "Peer",
     "PeerBackend",
     "PeerConfig",
@@ -56,6 +55,7 @@ __all__ = [
     "PeerStatistics",
     "SchemaError",
     "TableMissing",
+    "TenureLost",
     "TrioPeersInternalError",
     "__version__",
     "current_term",

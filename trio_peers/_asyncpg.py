@@ -37,9 +37,9 @@ from ._core import ElectionOutcome, down_payload
 from ._exceptions import (
     BackendMisconfigured,
     BackendUnavailable,
-    LeadershipLost,
     SchemaError,
     TableMissing,
+    TenureLost,
 )
 from ._fence import Fence
 from ._sql import MIGRATE_LOCK_KEY, Statements, shape_problems
@@ -426,11 +426,11 @@ async def fenced_transaction(
             asyncpg.exceptions.SerializationError,
             asyncpg.exceptions.LockNotAvailableError,
         ) as exc:
-            raise LeadershipLost(
+            raise TenureLost(
                 f"term {fence.term} of {fence.name!r} could not be fenced: {exc}"
             ) from exc
         if row is None:
-            raise LeadershipLost(
+            raise TenureLost(
                 f"term {fence.term} of {fence.name!r} no longer holds the lease "
                 f"(another tenure began, or the lease expired); rolled back"
             )

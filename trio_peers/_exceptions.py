@@ -37,7 +37,7 @@ class TableMissing(SchemaError):
     """The lease table does not exist yet; run :func:`trio_peers.migrate`."""
 
 
-class LeadershipLost(PeerError):
+class TenureLost(PeerError):
     """A fenced write was refused: the tenure it was fenced with no longer holds the lease.
 
     Raised by :meth:`Peer.fence <trio_peers.Peer.fence>` when the peer does not lead, and by

@@ -34,10 +34,10 @@ from ._core import Change, ElectionCore, parse_notification
 from ._exceptions import (
     BackendMisconfigured,
     BackendUnavailable,
-    LeadershipLost,
     PeerError,
     SchemaError,
     TableMissing,
+    TenureLost,
 )
 from ._fence import Fence, make_fence
 from ._sql import Statements
@@ -397,11 +397,11 @@ class Peer(metaclass=NoPublicConstructor):
         role needs ``SELECT`` and ``UPDATE`` on the lease table (row locks need ``UPDATE``).
 
         Raises:
-          LeadershipLost: this peer does not lead now.
+          TenureLost: this peer does not lead now.
         """
         term = self.term
         if term is None:
-            raise LeadershipLost(f"{self.node} does not lead {self.name!r}: nothing to fence")
+            raise TenureLost(f"{self.node} does not lead {self.name!r}: nothing to fence")
         return make_fence(self._statements, name=self.name, node=self.node, term=term)
 
     def fenced_transaction(
@@ -411,14 +411,14 @@ class Peer(metaclass=NoPublicConstructor):
 
         ``async with peer.fenced_transaction(conn) as fence:`` begins a transaction on
         ``conn`` (an asyncpg connection of your own trio-asyncio loop), runs :meth:`fence`
-        (or the ``fence`` given), and raises :exc:`~trio_peers.LeadershipLost` after rolling
+        (or the ``fence`` given), and raises :exc:`~trio_peers.TenureLost` after rolling
         back if another tenure began. The block's statements then run in that transaction;
         it commits when the block ends, and rolls back if the block raises or is cancelled
         (shielded, bounded by ``cleanup_timeout``). Keep it short compared with
         ``interval / leader_boost``: while it is open, this leader cannot renew either.
 
         Raises:
-          LeadershipLost: this peer does not lead, or the fence found another tenure.
+          TenureLost: this peer does not lead, or the fence found another tenure.
         """
         from ._asyncpg import fenced_transaction
 
