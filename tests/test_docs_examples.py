@@ -30,6 +30,10 @@ Options of a python block:
     Send this process SIGTERM after S (virtual) seconds; the example must then finish.
 ``postgres``
     Real PostgreSQL, real clock (the whole chain of ``continue`` blocks).
+``file=NAME``
+    Not run on its own: a file of a user's test suite (``conftest.py``, ``test_*.py``). The
+    blocks with this option on one page make up one suite, which pytest runs in a subprocess
+    with pytest-trio's ``trio_mode``; every test in it must pass.
 
 A ``text`` block with the option ``output`` is compared with what the python block before it
 printed (``...`` matches anything, as in doctest's ELLIPSIS).
@@ -199,6 +203,8 @@ def python_chains() -> list[Chain]:
     chains: list[Chain] = []
     last_python: dict[Path, Block] = {}
     for block in all_blocks():
+        if block.language == "python" and block.flag("file"):
+            continue  # part of a pytest suite: test_documented_pytest_suites
         if block.language == "python":
             if block.flag("continue"):
                 chain = chains[-1]
@@ -376,6 +382,56 @@ def test_python_example_on_postgres(
     chain: Chain, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     Harness(chain, pg_dsn, memory=False).run(monkeypatch)
+
+
+# ---------------------------------------------------------------------- pytest suites
+
+
+def pytest_suites() -> dict[Path, list[Block]]:
+    suites: dict[Path, list[Block]] = {}
+    for block in all_blocks():
+        if block.language == "python" and block.flag("file"):
+            suites.setdefault(block.path, []).append(block)
+    return suites
+
+
+PYTEST_SUITES = pytest_suites()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "path", list(PYTEST_SUITES), ids=[str(p.relative_to(ROOT)) for p in PYTEST_SUITES]
+)
+def test_documented_pytest_suite(
+    path: Path, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files: dict[str, str] = {}
+    for block in PYTEST_SUITES[path]:
+        name = block.options["file"]
+        assert name not in files, f"{block.where}: a second block for {name}"
+        files[name] = block.code
+    for name, code in files.items():
+        (pytester.path / name).write_text(code)
+    pytester.makeini(
+        "[pytest]\ntrio_mode = true\naddopts = -p no:cacheprovider\nfilterwarnings = error\n"
+    )
+    for key, value in cli_env().items():
+        monkeypatch.setenv(key, value)
+    result = pytester.runpytest_subprocess("-v", timeout=240)
+    tests = sum(
+        code.count("\ndef test_") + code.count("\nasync def test_") for code in files.values()
+    )
+    assert tests >= 1
+    if os.environ.get("TRIO_PEERS_TEST_DSN"):
+        outcomes = result.parseoutcomes()
+        assert outcomes.get("failed", 0) == outcomes.get("errors", 0) == 0, result.stdout.str()
+        assert outcomes.get("passed", 0) + outcomes.get("skipped", 0) == tests
+    else:
+        result.assert_outcomes(passed=tests)
+
+
+def test_the_documented_suites_exist() -> None:
+    assert {p.name for p in PYTEST_SUITES} == {"testing.rst"}
 
 
 # ---------------------------------------------------------------------- SQL

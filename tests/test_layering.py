@@ -176,7 +176,11 @@ def test_cli_modules_do_not_load_the_test_harness_eagerly(module: str) -> None:
     # The demo's peer processes import only the library; the harness loads when the demo
     # starts a throwaway server, not when `trio-peers --help` runs.
     proc = subprocess.run(
-        [sys.executable, "-c", f"import sys, json, {module}; print(json.dumps(sorted(sys.modules)))"],
+        [
+            sys.executable,
+            "-c",
+            f"import sys, json, {module}; print(json.dumps(sorted(sys.modules)))",
+        ],
         capture_output=True,
         text=True,
         check=True,
