@@ -1,13 +1,16 @@
 """Development sessions: ``python3 -m nox -s <session>``.
 
-Every session runs on the interpreter nox itself runs on (no interpreter downloads), in a venv
-that is reused between runs. Tool versions are pinned here and only here.
+Every session but ``tests_pythons`` runs on the interpreter nox itself runs on, in a venv that
+is reused between runs; ``tests_pythons`` runs on each Python the project claims that the
+machine has (never downloaded). Tool versions are pinned here and only here.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import nox
@@ -15,15 +18,44 @@ import nox
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_external_run = True
+nox.options.download_python = "never"
+# A missing interpreter skips its session, except in CI (the CI variable set), where it fails.
+nox.options.error_on_missing_interpreters = "CI" in os.environ
 nox.options.sessions = ["lint", "typecheck", "tests"]
 
 ROOT = Path(__file__).parent
+
+# The CPython versions the project claims (pyproject.toml's classifiers; tests/test_packaging.py
+# checks that the two lists agree).
+PYTHONS = ("3.11", "3.12", "3.13")
+
+
+def _pyenv_bindirs() -> Iterator[str]:
+    """The bin directories of the newest pyenv install of each claimed version.
+
+    pyenv's shims only run the versions that ``pyenv global`` selects, so nox, which looks for
+    ``python3.X`` on PATH, would not find the others. Their real directories go first on PATH.
+    """
+    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    for version in PYTHONS:
+        found = [
+            path
+            for path in root.glob(f"{version}.*/bin/python{version}")
+            if re.fullmatch(rf"{re.escape(version)}\.\d+", path.parents[1].name)
+        ]
+        if found:
+            newest = max(found, key=lambda p: int(p.parents[1].name.rsplit(".", 1)[1]))
+            yield str(newest.parent)
+
+
+os.environ["PATH"] = os.pathsep.join([*_pyenv_bindirs(), os.environ.get("PATH", "")])
 
 RUFF = "ruff==0.17.6"
 FLAKE8_ASYNC = "flake8-async==26.8.1"
 MYPY = "mypy==2.4.1"
 ASYNCPG_STUBS = "asyncpg-stubs==0.32.0"
-DOCS_DEPS = ("sphinx==9.0.4", "sphinxcontrib-trio==1.2.0", "furo==2025.12.19")
+# The docs' pinned dependencies, shared with Read the Docs (.readthedocs.yaml).
+DOCS_REQUIREMENTS = "docs/requirements.txt"
 
 # Checks ruff's ASYNC rules lack; they must be named one by one to be switched on.
 FLAKE8_ASYNC_CODES = "ASYNC100,ASYNC101,ASYNC102,ASYNC119,ASYNC900,ASYNC910,ASYNC911"
@@ -37,6 +69,30 @@ def tests(session: nox.Session) -> None:
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
     session.run("coverage", "combine")
     session.run("coverage", "report")
+
+
+# What tests_pythons runs by default: everything but the PostgreSQL tests, then the PostgreSQL
+# tests of the peer itself (the harness, command line, docs and pooler tests run on the main
+# Python only, in the tests session).
+PEER_POSTGRES_TESTS = (
+    "tests/test_peer_postgres.py",
+    "tests/test_smoke_postgres.py",
+    "tests/test_leader_work_postgres.py",
+)
+
+
+@nox.session(python=PYTHONS)
+def tests_pythons(session: nox.Session) -> None:
+    """The suite on each claimed Python present: non-PostgreSQL tests, then the peer's on PostgreSQL.
+
+    With arguments, runs ``pytest`` with them instead.
+    """
+    session.install(".[test]")
+    if session.posargs:
+        session.run("pytest", *session.posargs)
+        return
+    session.run("pytest", "-m", "not postgres")
+    session.run("pytest", *PEER_POSTGRES_TESTS)
 
 
 @nox.session
@@ -62,7 +118,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the HTML documentation; warnings and broken references are errors."""
-    session.install(".", *DOCS_DEPS)
+    session.install(".[otel]", "-r", DOCS_REQUIREMENTS)
     session.run(
         "python",
         *("-m", "sphinx", "-T", "-E", "-W", "--keep-going", "-n"),

@@ -23,6 +23,16 @@ def _importable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 CONFTEST = 'pytest_plugins = ["trio_peers.testing.pytest_plugin"]\n'
 
+# A user's pytest.ini with warnings as errors, and the filter docs/howto/testing.rst tells such
+# users to add for trio-asyncio on Python 3.12 and later.
+INI = """\
+[pytest]
+addopts = -p no:cacheprovider
+filterwarnings =
+    error
+    ignore:'AbstractChildWatcher' is deprecated:DeprecationWarning:trio_asyncio
+"""
+
 USER_TESTS = """
 import trio
 
@@ -93,7 +103,7 @@ def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_user=USER_TESTS)
     # A plain pytest run, as in a user's project: none of this project's configuration.
-    pytester.makeini("[pytest]\naddopts = -p no:cacheprovider\nfilterwarnings = error\n")
+    pytester.makeini(INI)
     return pytester.runpytest_subprocess("-v", *args, timeout=240)
 
 
