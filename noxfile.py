@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import tarfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +57,8 @@ RUFF = "ruff==0.17.6"
 FLAKE8_ASYNC = "flake8-async==26.8.1"
 MYPY = "mypy==2.4.1"
 ASYNCPG_STUBS = "asyncpg-stubs==0.32.0"
+BUILD = "build==1.6.1"
+TWINE = "twine==7.0.0"
 # The docs' pinned dependencies, shared with Read the Docs (.readthedocs.yaml).
 DOCS_REQUIREMENTS = "docs/requirements.txt"
 
@@ -195,3 +200,76 @@ def _stop_server(server: subprocess.Popen[str]) -> None:
             server.wait()
     if server.stdout is not None:
         server.stdout.close()
+
+
+# What the sdist must hold besides the package, so that its tests run from it: the test suite
+# and its data, the docs (their examples are tests), and the files they read.
+SDIST_NEEDS = ("pyproject.toml", "noxfile.py", "README.md", "CHANGELOG.md", "tests/", "docs/")
+
+
+def _git_files(*paths: str) -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--", *paths], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()
+
+
+@nox.session
+def dist(session: nox.Session) -> None:
+    """Build the sdist and wheel, check them, and use them as users would: the wheel installed
+    in a fresh venv runs the command line and a short demo; the sdist runs the tests."""
+    session.install(BUILD, TWINE)
+    tmp = Path(session.create_tmp()).resolve()
+    out = tmp / "dist"
+    shutil.rmtree(out, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", str(out), str(ROOT))
+    (sdist,) = out.glob("trio_peers-*.tar.gz")
+    (wheel,) = out.glob("trio_peers-*.whl")
+    session.run("twine", "check", "--strict", str(sdist), str(wheel))
+
+    # The version comes from git (hatch-vcs); 0.0.0 is its fallback when there is no history.
+    version = wheel.name.split("-")[1]
+    if version == "0.0.0" or sdist.name != f"trio_peers-{version}.tar.gz":
+        session.error(f"bad version: {wheel.name}, {sdist.name} (is this a git checkout?)")
+
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    top = {n.split("/")[0] for n in names}
+    if top != {"trio_peers", f"trio_peers-{version}.dist-info"}:
+        session.error(f"the wheel holds more than the package: {sorted(top)}")
+    if "trio_peers/py.typed" not in names or "trio_peers/_cli/_main.py" not in names:
+        session.error("the wheel lacks py.typed or the command line")
+
+    with tarfile.open(sdist) as tf:
+        prefix = f"trio_peers-{version}/"
+        members = {m.name.removeprefix(prefix) for m in tf.getmembers() if m.isfile()}
+        missing = [f for f in _git_files(*SDIST_NEEDS, "trio_peers/") if f not in members]
+        if missing:
+            session.error(f"the sdist lacks files the tests need: {missing}")
+        source = tmp / "sdist"
+        shutil.rmtree(source, ignore_errors=True)
+        tf.extractall(source, filter="data")
+
+    # A fresh venv, outside the source tree, with the wheel and its demo extra.
+    venv = tmp / "venv"
+    session.run("python", "-m", "venv", "--clear", str(venv))
+    python = str(venv / "bin" / "python")
+    script = str(venv / "bin" / "trio-peers")
+    session.run(python, "-m", "pip", "install", "-q", f"{wheel}[demo,test]", external=True)
+    session.chdir(tmp)
+    help_text = session.run(script, "--help", external=True, silent=True)
+    if not isinstance(help_text, str) or "demo" not in help_text:
+        session.error(f"trio-peers --help printed no commands: {help_text!r}")
+    shown = session.run(script, "--version", external=True, silent=True)
+    if not isinstance(shown, str) or shown.split() != ["trio-peers", version]:
+        session.error(f"trio-peers --version printed {shown!r}, not {version}")
+    session.run(python, "-m", "trio_peers", "--help", external=True, silent=True)
+    # A throwaway PostgreSQL from the demo extra, two peers, a handover or two.
+    session.run(
+        script, "demo", "--peers", "2", "--duration", "8", "--interval", "1", external=True
+    )
+
+    # The sdist's own tests, on the installed wheel's dependencies (not PostgreSQL: the tests
+    # session runs those).
+    session.chdir(source / prefix)
+    session.run(python, "-m", "pytest", "-q", "-m", "not postgres", external=True)
