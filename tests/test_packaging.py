@@ -53,3 +53,17 @@ def test_ci_runs_every_claimed_python() -> None:
     assert "python3 -m nox -s tests\n" in text
     for version in claimed_pythons()[1:]:
         assert f"tests_pythons-{version}" in text, version
+
+
+def test_read_the_docs_builds_like_nox() -> None:
+    # The same requirements file and extra as the docs session, and warnings as errors.
+    rtd = (ROOT / ".readthedocs.yaml").read_text() if (ROOT / ".readthedocs.yaml").exists() else ""
+    if not rtd:
+        pytest.skip("no .readthedocs.yaml here (an sdist)")
+    noxfile = (ROOT / "noxfile.py").read_text()
+    assert 'DOCS_REQUIREMENTS = "docs/requirements.txt"' in noxfile
+    assert 'session.install(".[otel]", "-r", DOCS_REQUIREMENTS)' in noxfile
+    assert "- requirements: docs/requirements.txt" in rtd
+    assert re.search(r"extra_requirements:\s*\n\s*- otel\n", rtd)
+    assert "fail_on_warning: true" in rtd
+    assert "configuration: docs/conf.py" in rtd

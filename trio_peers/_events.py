@@ -48,7 +48,9 @@ class ElectionRound:
     """The instance name."""
     node: str
     """This peer's node id."""
-    outcome: RoundOutcome
+    outcome: Literal[
+        "gained", "renewed", "resumed", "replaced", "denied", "lost", "failed", "busy"
+    ]
     """What the round did:
 
     ``"gained"``
@@ -154,7 +156,7 @@ class NotificationReceived:
     """The instance name."""
     node: str
     """This peer's node id."""
-    kind: NotificationKind
+    kind: Literal["down", "ignored", "malformed"]
     """``"down"``: another peer released its lease (the peer runs a round at once);
     ``"ignored"``: this peer's own, or for another instance name; ``"malformed"``: not a
     payload trio-peers sends."""
