@@ -99,14 +99,21 @@ def _bar(
 
 
 def _mark(
-    ax: Axes, x: float, y: float, text: str, *, color: str = "black", above: bool = True
+    ax: Axes,
+    x: float,
+    y: float,
+    text: str,
+    *,
+    color: str = "black",
+    above: bool = True,
+    ha: str = "center",
 ) -> None:
     ax.plot([x, x], [y - 0.3, y + 0.3], color=color, linewidth=1.4)
     ax.text(
         x,
         y + (0.34 if above else -0.34),
         text,
-        ha="center",
+        ha=ha,
         va="bottom" if above else "top",
         fontsize=8,
         color=color,
@@ -162,7 +169,14 @@ def trust_window(t: Timing) -> Figure:
         color=LEASE,
         above=False,
     )
-    _mark(ax, last + t.window, y_trust, f"trust ends ({_s(last + t.window)})", color=TRUST)
+    _mark(
+        ax,
+        last + t.window,
+        y_trust,
+        f"trust ends ({_s(last + t.window)})",
+        color=TRUST,
+        ha="right",
+    )
     _span(
         ax,
         0.0,
