@@ -22,18 +22,17 @@ import trio
 
 import trio_peers
 from trio_peers import PeerConfig, open_peer
-from trio_peers._cli import (
+from trio_peers._cli._common import (
     EXIT_MISCONFIGURED,
     EXIT_OK,
     EXIT_SCHEMA,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     LIBPQ_ENV,
-    describe_change,
     describe_dsn,
-    main,
     resolve_dsn,
 )
+from trio_peers._cli._main import describe_change, main
 
 REPO_ROOT = Path(trio_peers.__file__).resolve().parent.parent
 
@@ -182,7 +181,7 @@ def test_describe_dsn_hides_the_password() -> None:
 
 
 def test_describe_change() -> None:
-    from trio_peers._cli import _Seen
+    from trio_peers._cli._main import _Seen
 
     a1, a1_gone, b2 = _Seen("a", 1, True), _Seen("a", 1, False), _Seen("b", 2, True)
     assert describe_change("n", a1, a1) is None

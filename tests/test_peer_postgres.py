@@ -674,7 +674,8 @@ async def test_p2_a_cancelled_round_leaves_the_connection_usable(dsn: str) -> No
         conn = await connector.connect(on_notification=lambda _: None, on_lost=lambda: None)
         first = await conn.elect(node="a", held_term=None, statement_timeout=1.0)
         await locker.execute("BEGIN")
-        await locker.execute("SELECT * FROM public.trio_peers FOR UPDATE")
+        # A table lock (a row lock would only make the round busy: it does not wait for one).
+        await locker.execute("LOCK TABLE public.trio_peers IN ACCESS EXCLUSIVE MODE")
         with trio.move_on_after(0.1) as scope:
             await conn.elect(node="a", held_term=first.term, statement_timeout=5.0)
         assert scope.cancelled_caught

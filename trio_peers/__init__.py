@@ -17,6 +17,16 @@ from ._backend import (
 from ._cell import LeadershipChange as LeadershipChange, LeadershipChannel as LeadershipChannel
 from ._config import PeerConfig as PeerConfig
 from ._core import ElectionOutcome as ElectionOutcome
+from ._events import (
+    ElectionRound as ElectionRound,
+    EventHook as EventHook,
+    Fault as Fault,
+    LeadershipGained as LeadershipGained,
+    LeadershipLost as LeadershipLost,
+    LeaseReleased as LeaseReleased,
+    NotificationReceived as NotificationReceived,
+    PeerEvent as PeerEvent,
+)
 from ._exceptions import (
     BackendMisconfigured as BackendMisconfigured,
     BackendUnavailable as BackendUnavailable,
@@ -43,15 +53,23 @@ __all__ = [
     "BackendMisconfigured",
     "BackendUnavailable",
     "ElectionOutcome",
+    "ElectionRound",
+    "EventHook",
+    "Fault",
     "Fence",
     "LeaderInfo",
     "LeaderScope",
     "LeadershipChange",
     "LeadershipChannel",
+    "LeadershipGained",
+    "LeadershipLost",
+    "LeaseReleased",
+    "NotificationReceived",
     "Peer",
     "PeerBackend",
     "PeerConfig",
     "PeerError",
+    "PeerEvent",
     "PeerStatistics",
     "SchemaError",
     "TableMissing",
