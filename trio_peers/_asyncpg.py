@@ -87,7 +87,11 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
     except _PERMANENT as exc:
         raise BackendMisconfigured(f"{type(exc).__name__}: {exc}") from exc
     except asyncpg.exceptions.UndefinedTableError as exc:
-        raise TableMissing(str(exc)) from exc
+        # Dropped while peers run: their prepared statements name it.
+        raise TableMissing(
+            f"{exc}: the lease table is gone; run trio_peers.migrate(dsn) or "
+            "`trio-peers migrate --dsn ...` (with your prefix and table) to create it again"
+        ) from exc
     except asyncpg.exceptions.InsufficientPrivilegeError as exc:
         raise BackendMisconfigured(f"permission denied: {exc}") from exc
     except _UNAVAILABLE as exc:
