@@ -94,6 +94,12 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
         ) from exc
     except asyncpg.exceptions.InsufficientPrivilegeError as exc:
         raise BackendMisconfigured(f"permission denied: {exc}") from exc
+    except asyncpg.exceptions.ReadOnlySQLTransactionError as exc:
+        # Retried (a standby may be promoted, a setting reverted), but say why.
+        raise BackendUnavailable(
+            f"the database is read-only ({exc}): default_transaction_read_only is on, "
+            "or the DSN points at a standby; peers need a writable primary"
+        ) from exc
     except _UNAVAILABLE as exc:
         if isinstance(exc, TimeoutError):
             raise BackendUnavailable("timed out") from exc
