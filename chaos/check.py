@@ -35,8 +35,9 @@ Handover
     0.9 interval (a resigned peer must hold its bids for an interval).
 Liveness (reported, never a failure)
     The share of time each name had a running leader; each leaderless gap,
-    attributed to the most recent fault that began before it (and ended at
-    most an interval before it), measured from the fault's start to the next
+    attributed to the most recent fault that began before it, ended at most an
+    interval before it, and was global or aimed at the slot of the process that
+    led before the gap; measured from the fault's start to the next
     leader's first act, and from the fault's end (``recovery``; ``isolated``
     when no other fault was active between the fault's end and the recovery).
 """
@@ -351,28 +352,34 @@ def liveness(h: History) -> dict[str, Any]:
     share: dict[str, float] = {}
     gaps: list[dict[str, Any]] = []
     for name in names:
-        merged: list[list[float]] = []
+        merged: list[list[Any]] = []  # [start, end, label of the run that ends last]
         for r in by_name.get(name, []):
             if merged and r.start <= merged[-1][1] + join:
-                merged[-1][1] = max(merged[-1][1], r.end)
+                if r.end >= merged[-1][1]:
+                    merged[-1][1:] = [r.end, r.label]
             else:
-                merged.append([r.start, r.end])
-        covered = sum(max(0.0, min(e, t1) - max(s, t0)) for s, e in merged)
+                merged.append([r.start, r.end, r.label])
+        covered = sum(max(0.0, min(e, t1) - max(s, t0)) for s, e, _ in merged)
         share[name] = round(covered / window, 4)
-        for (_, gap_start), (gap_end, _) in zip(merged, merged[1:], strict=False):
-            if gap_end < t0 or gap_start > t1:
+        for before, after in zip(merged, merged[1:], strict=False):
+            if after[0] < t0 or before[1] > t1:
                 continue
-            gaps.append({"name": name, "from": gap_start, "to": gap_end})
+            gaps.append({"name": name, "from": before[1], "to": after[0], "prev": before[2]})
     by_kind_start: dict[str, list[float]] = defaultdict(list)
     by_kind_rec: dict[str, list[float]] = defaultdict(list)
     by_kind_iso: dict[str, list[float]] = defaultdict(list)
     unattributed: list[float] = []
     slack = h.step + 0.05
+    slot_of = {p["label"]: p["slot"] for p in h.processes}
     for g in gaps:
+        # Faults that could have ended this tenure: global ones, and those aimed at
+        # the slot of the process that led before the gap.
         causes = [
             f
             for f in faults
-            if f["start"] <= g["from"] + slack and g["from"] <= f["end"] + h.interval + slack
+            if f["start"] <= g["from"] + slack
+            and g["from"] <= f["end"] + h.interval + slack
+            and (f["target"] is None or f["target"] == slot_of.get(g["prev"]))
         ]
         if not causes:
             unattributed.append(g["to"] - g["from"])
@@ -419,6 +426,12 @@ def judge(h: History) -> dict[str, Any]:
         check_safety(h) + check_terms(h) + check_processes(h) + untrusted + check_handover(h)
     )
     counts = {c: sum(1 for v in violations if v["check"] == c) for c in FAILING}
+    t0 = float(h.info["t0"])
+    first: dict[str, float] = {}
+    for v in violations:
+        at = v.get("at", v.get("ended", v.get("after_sigterm_at")))
+        if isinstance(at, int | float):
+            first[v["check"]] = min(first.get(v["check"], math.inf), round(at - t0, 3))
     kinds: dict[str, int] = defaultdict(int)
     for f in h.faults:
         kinds[f["kind"] + (" (skipped)" if "skipped" in f else "")] += 1
@@ -435,6 +448,8 @@ def judge(h: History) -> dict[str, Any]:
         "steps": steps,
         "faults": dict(sorted(kinds.items())),
         "violations": counts,
+        "first_violation_s": min(first.values(), default=None),
+        "first_by_check_s": first,
         "ok": not violations,
         **untrusted_stats,
         "liveness": liveness(h),

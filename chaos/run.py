@@ -450,7 +450,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default="peers",
         help="single: one open_peer per process; peers: --names open_peer per process",
     )
-    p.add_argument("--rate", type=float, default=0.7, help="faults per second (mean)")
+    p.add_argument("--rate", type=float, default=1.2, help="faults per second (mean)")
     p.add_argument("--tail", type=float, default=None, help="quiet seconds at the end")
     p.add_argument("--step", type=float, default=None, help="seconds between work steps")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: chaos-runs/...)")

@@ -42,6 +42,7 @@ from typing import Any
 
 import trio
 
+import trio_peers
 from trio_peers import Peer, PeerConfig, current_term, open_peer
 
 
@@ -134,7 +135,14 @@ async def main(args: argparse.Namespace) -> None:
                 for peer in peers:
                     nursery.start_soon(peer.run_while_leader, leader_work, peer, log, args.step, runs)
                 nursery.start_soon(commands, peers, log)
-                log("ready", pid=os.getpid(), node=args.node, slot=args.slot, names=names)
+                log(
+                    "ready",
+                    pid=os.getpid(),
+                    node=args.node,
+                    slot=args.slot,
+                    names=names,
+                    lib=trio_peers.__file__,
+                )
                 async for _ in signals:
                     log("sigterm")
                     nursery.cancel_scope.cancel()
