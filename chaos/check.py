@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import itertools
 import json
 import math
 import signal
@@ -161,18 +162,18 @@ def _overlaps(
     active: list[tuple[float, float, str, int, int]] = []
     for iv in sorted(intervals):
         active = [a for a in active if a[1] > iv[0]]
-        for a in active:
-            if a[2] != iv[2]:
-                found.append(
-                    {
-                        "check": kind,
-                        "name": name,
-                        "at": iv[0],
-                        "overlap_s": round(min(a[1], iv[1]) - iv[0], 6),
-                        "a": {"proc": a[2], "term": a[3], "run": a[4], "from": a[0], "to": a[1]},
-                        "b": {"proc": iv[2], "term": iv[3], "run": iv[4], "from": iv[0], "to": iv[1]},
-                    }
-                )
+        found.extend(
+            {
+                "check": kind,
+                "name": name,
+                "at": iv[0],
+                "overlap_s": round(min(a[1], iv[1]) - iv[0], 6),
+                "a": {"proc": a[2], "term": a[3], "run": a[4], "from": a[0], "to": a[1]},
+                "b": {"proc": iv[2], "term": iv[3], "run": iv[4], "from": iv[0], "to": iv[1]},
+            }
+            for a in active
+            if a[2] != iv[2]
+        )
         active.append(iv)
     return found
 
@@ -255,7 +256,9 @@ def check_processes(h: History) -> list[dict[str, Any]]:
         elif expected is None:
             problem = f"exited by itself (status {rc})"
         elif expected == "sigterm" and (rc != 0 or label not in h.exits):
-            problem = f"status {rc} after SIGTERM" + ("" if label in h.exits else ", no exit record")
+            problem = f"status {rc} after SIGTERM" + (
+                "" if label in h.exits else ", no exit record"
+            )
         elif expected == "sigkill" and rc != -signal.SIGKILL:
             problem = f"status {rc} although we sent SIGKILL"
         if problem is not None:
@@ -283,9 +286,7 @@ def check_untrusted(h: History) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 out.append({"check": "untrusted", "why": "a step after an untrusted one", **base})
                 continue
             paused = [
-                (s, c)
-                for s, c in conts[r.label]
-                if c <= t and (prev is None or prev[0] <= s)
+                (s, c) for s, c in conts[r.label] if c <= t and (prev is None or prev[0] <= s)
             ]
             if paused and est_end is not None and est_end < paused[-1][1] - 0.005:
                 out.append(
@@ -361,7 +362,7 @@ def liveness(h: History) -> dict[str, Any]:
                 merged.append([r.start, r.end, r.label])
         covered = sum(max(0.0, min(e, t1) - max(s, t0)) for s, e, _ in merged)
         share[name] = round(covered / window, 4)
-        for before, after in zip(merged, merged[1:], strict=False):
+        for before, after in itertools.pairwise(merged):
             if after[0] < t0 or before[1] > t1:
                 continue
             gaps.append({"name": name, "from": before[1], "to": after[0], "prev": before[2]})
@@ -391,9 +392,7 @@ def liveness(h: History) -> dict[str, Any]:
         recovery = max(0.0, g["to"] - f["end"])
         by_kind_rec[kind].append(recovery)
         others = [
-            o
-            for o in faults
-            if o is not f and o["start"] <= g["to"] and o["end"] >= f["end"]
+            o for o in faults if o is not f and o["start"] <= g["to"] and o["end"] >= f["end"]
         ]
         if not others:
             by_kind_iso[kind].append(recovery)
@@ -473,10 +472,8 @@ def report(s: dict[str, Any]) -> str:
         "",
         "Violations (any fails the run):",
     ]
-    for check, n in s["violations"].items():
-        lines.append(f"  {check:<12} {n}")
-    for v in s["details"][:20]:
-        lines.append("    " + json.dumps(v))
+    lines.extend(f"  {check:<12} {n}" for check, n in s["violations"].items())
+    lines.extend("    " + json.dumps(v) for v in s["details"][:20])
     lateness = s["boundary_lateness_s"]
     lines += [
         "",

@@ -101,9 +101,7 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict[str, object]
             *("--names", str(args.names), "--interval", "1", "--rate", str(args.rate)),
             *("--seed", str(args.seed), "--out", str(out / name)),
         ]
-        proc = subprocess.run(  # noqa: S603 - our own interpreter and module
-            cmd, cwd=ROOT, capture_output=True, text=True, check=False
-        )
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
         return {"defect": name, "error": proc.stderr[-2000:] or proc.stdout[-2000:]}
@@ -147,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'defect':<22} {'caught by':<40} first violation after")
     for r in results:
-        checks = ", ".join(f"{k} ({v})" for k, v in r.get("checks", {}).items()) or "NOTHING"
+        fired = r.get("checks", {})
+        assert isinstance(fired, dict)
+        checks = ", ".join(f"{k} ({v})" for k, v in fired.items()) or "NOTHING"
         first = r.get("first_after_s")
         print(f"{r['defect']:<22} {checks:<40} {first if first is not None else '-'} s")
     return 0 if all(r.get("caught") for r in results) else 1

@@ -15,6 +15,7 @@ server. Its modes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import struct
@@ -26,10 +27,8 @@ _CHUNK = 65536
 
 def _rst(stream: trio.SocketStream) -> None:
     """Make the next close of ``stream`` send an RST instead of a FIN."""
-    try:
+    with contextlib.suppress(OSError):
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
 
 
 class _Link:
@@ -123,6 +122,7 @@ class FaultyProxy:
         out: trio.MemorySendChannel[tuple[float, bytes]],
         scope: trio.CancelScope,
     ) -> None:
+        await trio.lowlevel.checkpoint()
         try:
             while True:
                 data = await src.receive_some(_CHUNK)
@@ -140,6 +140,7 @@ class FaultyProxy:
         dst: trio.SocketStream,
         scope: trio.CancelScope,
     ) -> None:
+        await trio.lowlevel.checkpoint()
         try:
             async for arrived, data in queue:
                 await self._flowing.wait()

@@ -30,6 +30,7 @@ correct library takes no further step of timer-driven work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -187,10 +188,8 @@ class Runner:
         """SIGTERM and wait; a worker that does not exit in time is hung (then killed)."""
         worker.expected = "sigterm"
         worker.signal_at = time.time()
-        try:
+        with contextlib.suppress(ProcessLookupError):
             worker.proc.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         with trio.move_on_after(EXIT_LIMIT):
             await worker.exited.wait()
             return
@@ -208,6 +207,7 @@ class Runner:
         return worker
 
     async def _wait_ready(self, worker: Worker, limit: float = 120.0) -> bool:
+        await trio.lowlevel.checkpoint()
         path = self.out / f"{worker.label}.jsonl"
         with trio.move_on_after(limit):
             while not worker.exited.is_set():
@@ -229,6 +229,7 @@ class Runner:
         self.faults.append(record)
 
     async def fault_kill(self, fault: Fault, rec: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
         worker = self.alive(fault.target)
         if worker is None:
             rec["skipped"] = "no running worker"
@@ -245,6 +246,7 @@ class Runner:
         rec["end"] = time.time()
 
     async def fault_term(self, fault: Fault, rec: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
         worker = self.alive(fault.target)
         if worker is None:
             rec["skipped"] = "no running worker"
@@ -259,6 +261,7 @@ class Runner:
         rec["end"] = time.time()
 
     async def fault_stop(self, fault: Fault, rec: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
         worker = self.alive(fault.target)
         if worker is None:
             rec["skipped"] = "no running worker"
@@ -266,20 +269,21 @@ class Runner:
         rng = random.Random(fault.id)
         pid = worker.proc.pid
         rec["labels"] = [worker.label]
-        for tries in range(1, 501):
-            if _stop_parked(pid):
-                break
+        tries = 0
+        while not _stop_parked(pid):
+            tries += 1
+            if tries == 500:
+                rec["skipped"] = "never found parked in epoll_wait"
+                return
             await trio.sleep(rng.uniform(0.001, 0.007))
-        else:
-            rec["skipped"] = "never found parked in epoll_wait"
-            return
-        rec["tries"] = tries
+        rec["tries"] = tries + 1
         rec["stop"] = time.time()
         await trio.sleep(fault.duration)
         os.kill(pid, signal.SIGCONT)
         rec["cont"] = rec["end"] = time.time()
 
     async def fault_resign(self, fault: Fault, rec: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
         worker = self.alive(fault.target)
         if worker is None or worker.proc.stdin is None:
             rec["skipped"] = "no running worker"
@@ -417,12 +421,9 @@ class Runner:
             with trio.CancelScope(shield=True):
                 for worker in self.workers:
                     if worker.proc.returncode is None:
-                        with_cont = worker.proc.pid
-                        try:
-                            os.kill(with_cont, signal.SIGCONT)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(worker.proc.pid, signal.SIGCONT)
                             worker.proc.kill()
-                        except ProcessLookupError:
-                            pass
                 shutil.copyfile(pg.log_path, self.out / "postgres.log")
                 await trio.to_thread.run_sync(pg.close)
         return info

@@ -46,6 +46,10 @@ import trio_peers
 from trio_peers import Peer, PeerConfig, current_term, open_peer
 
 
+def now() -> tuple[float, float]:
+    return time.time(), time.monotonic()
+
+
 class Log:
     """JSON lines, one ``write(2)`` each, on an ``O_APPEND`` file descriptor."""
 
@@ -53,15 +57,14 @@ class Log:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._label = label
 
-    def __call__(self, ev: str, **fields: Any) -> None:
-        record = {"ev": ev, "t": time.time(), "m": time.monotonic(), "p": self._label, **fields}
+    def __call__(self, ev: str, *, at: tuple[float, float] | None = None, **fields: Any) -> None:
+        t, m = at if at is not None else now()
+        record = {"ev": ev, "t": t, "m": m, "p": self._label, **fields}
         os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
 
 
 @asynccontextmanager
-async def open_members(
-    form: str, configs: Sequence[PeerConfig]
-) -> AsyncIterator[list[Peer]]:
+async def open_members(form: str, configs: Sequence[PeerConfig]) -> AsyncIterator[list[Peer]]:
     """The peers of this process, one per config, in the given form."""
     if form == "peers":
         async with contextlib.AsyncExitStack() as stack:
@@ -76,15 +79,21 @@ async def open_members(
 
 async def leader_work(peer: Peer, log: Log, step: float, runs: list[int]) -> None:
     """Leader-only work: log a step every ``step`` seconds until cancelled."""
+    # Each record's time is read *before* is_leader: no checkpoint separates the two,
+    # so no task can change the peer's trust in between, and a trusted reading means
+    # the peer trusted its tenure at the recorded instant, however late the OS lets
+    # this process write the line.
+    at = now()
     runs[0] += 1
     run = runs[0]
     term = current_term()
-    log("start", name=peer.name, term=term, run=run)
+    log("start", at=at, name=peer.name, term=term, run=run)
     try:
         while True:
+            at = now()
             lead = peer.is_leader  # read synchronously, just before the step
             stats = peer.statistics()
-            log("step", name=peer.name, term=term, run=run, lead=lead, tf=stats.trusted_for)
+            log("step", at=at, name=peer.name, term=term, run=run, lead=lead, tf=stats.trusted_for)
             await trio.sleep(step)
     finally:
         log("stop", name=peer.name, term=term, run=run)
@@ -133,7 +142,9 @@ async def main(args: argparse.Namespace) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
             async with open_members(args.form, configs) as peers, trio.open_nursery() as nursery:
                 for peer in peers:
-                    nursery.start_soon(peer.run_while_leader, leader_work, peer, log, args.step, runs)
+                    nursery.start_soon(
+                        peer.run_while_leader, leader_work, peer, log, args.step, runs
+                    )
                 nursery.start_soon(commands, peers, log)
                 log(
                     "ready",

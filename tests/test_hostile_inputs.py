@@ -356,7 +356,9 @@ async def test_idle_in_transaction_session_timeout_does_not_disturb_peers(
     (which ends the *session* of whoever does) never fires for them."""
     async with open_sql(dsn) as sql:
         db = await database_of(sql)
-        await sql.execute(f"ALTER DATABASE \"{db}\" SET idle_in_transaction_session_timeout = '50ms'")
+        await sql.execute(
+            f"ALTER DATABASE \"{db}\" SET idle_in_transaction_session_timeout = '50ms'"
+        )
         with caplog.at_level(logging.INFO, logger="trio_peers"):
             async with open_peer(cfg(dsn, "a")) as a, open_peer(cfg(dsn, "b")) as b:
                 assert a.is_leader and not b.is_leader
