@@ -108,7 +108,7 @@ def run_one(name: str, args: argparse.Namespace, out: Path) -> dict[str, object]
     summary = json.loads(lines[-1])
     # Every worker must have imported the patched copy.
     libs = set()
-    for log in (out / name).glob("p*.jsonl"):
+    for log in (out / name).glob("p[0-9]*.jsonl"):
         with log.open() as f:
             first = f.readline()
         if first:
