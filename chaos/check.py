@@ -33,6 +33,7 @@ Untrusted steps (``is_leader`` false when the step was taken)
 Handover
     ``handover``: a peer that resigned took the same name back in less than
     0.9 interval (a resigned peer must hold its bids for an interval).
+    ``never_led``: a name that no process ever led (nothing works at all).
 Liveness (reported, never a failure)
     The share of time each name had a running leader; each leaderless gap,
     attributed to the most recent fault that began before it, ended at most an
@@ -61,7 +62,7 @@ import attrs
 SAFETY = ("overlap", "claims")
 TERMS = ("term_order", "stale_step", "term_lost")
 PROCESSES = ("crash", "hung")
-JUDGED = ("untrusted", "handover")
+JUDGED = ("untrusted", "handover", "never_led")
 FAILING = SAFETY + TERMS + PROCESSES + JUDGED
 
 
@@ -424,6 +425,10 @@ def judge(h: History) -> dict[str, Any]:
     violations = (
         check_safety(h) + check_terms(h) + check_processes(h) + untrusted + check_handover(h)
     )
+    led = {r.name for r in h.runs}
+    violations += [
+        {"check": "never_led", "name": name} for name in h.info.get("names", []) if name not in led
+    ]
     counts = {c: sum(1 for v in violations if v["check"] == c) for c in FAILING}
     t0 = float(h.info["t0"])
     first: dict[str, float] = {}

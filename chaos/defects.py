@@ -43,7 +43,8 @@ DEFECTS: Final[dict[str, tuple[str, list[tuple[str, str, str]]]]] = {
             (
                 "_sql.py",
                 "OR (p.node = $2 AND p.term = $4::bigint)",
-                "OR (p.node = $2)",
+                # $4 stays referenced, so the statement keeps its four parameters.
+                "OR (p.node = $2 AND coalesce($4::bigint, 0) >= 0)",
             )
         ],
     ),

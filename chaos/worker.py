@@ -28,7 +28,6 @@ name) goes into :func:`open_members`, a few lines next to ``peers``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -63,17 +62,34 @@ class Log:
         os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
 
 
+async def _hold_peer(
+    config: PeerConfig, stop: trio.Event, *, task_status: trio.TaskStatus[Peer]
+) -> None:
+    async with open_peer(config) as peer:
+        task_status.started(peer)
+        await stop.wait()
+
+
 @asynccontextmanager
 async def open_members(form: str, configs: Sequence[PeerConfig]) -> AsyncIterator[list[Peer]]:
-    """The peers of this process, one per config, in the given form."""
+    """The peers of this process, one per config, in the given form.
+
+    Each peer of the ``peers`` form lives in a task of its own, so that on exit they
+    all leave at once: one after the other, K peers whose database is unreachable
+    would take K times ``cleanup_timeout`` to exit.
+    """
     if form == "peers":
-        async with contextlib.AsyncExitStack() as stack:
-            peers = [await stack.enter_async_context(open_peer(c)) for c in configs]
-            yield peers
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            peers = [await nursery.start(_hold_peer, c, stop) for c in configs]
+            try:
+                yield peers
+            finally:
+                stop.set()
         return
-    # form == "session" (issue 10) goes here:
-    #   async with open_session(configs[0].dsn) as session, AsyncExitStack() as stack:
-    #       yield [await stack.enter_async_context(session.open_peer(name=c.name)) for c in configs]
+    # form == "session" (issue 10) goes here, along the lines of:
+    #   async with open_session(configs[0].dsn) as session, trio.open_nursery() as nursery:
+    #       ... one task per config entering session.open_peer(name=config.name) ...
     raise ValueError(f"unknown form {form!r}")
 
 

@@ -234,3 +234,8 @@ def test_the_schedule_is_a_function_of_its_seed() -> None:
             if f.target == slot and f.kind in ("kill", "stop", "term", "resign")
         )
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(mine))
+
+
+def test_a_name_nobody_led_fails(tmp_path: Path) -> None:
+    write(tmp_path, {"p0": []})
+    assert verdict(tmp_path) == {"never_led": 1}
