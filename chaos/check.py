@@ -346,7 +346,7 @@ def liveness(h: History) -> dict[str, Any]:
     t1 = float(h.info.get("faults_end", h.info.get("end", t0)))
     window = max(t1 - t0, 1e-9)
     join = 2 * h.step + 0.05  # pauses between steps shorter than this are no gap
-    faults = [f for f in h.faults if "skipped" not in f]
+    faults = [f for f in h.faults if "skipped" not in f and "error" not in f]
     for f in faults:
         f.setdefault("end", f["start"])
     names = h.info.get("names") or sorted({r.name for r in h.runs})
@@ -438,7 +438,9 @@ def judge(h: History) -> dict[str, Any]:
             first[v["check"]] = min(first.get(v["check"], math.inf), round(at - t0, 3))
     kinds: dict[str, int] = defaultdict(int)
     for f in h.faults:
-        kinds[f["kind"] + (" (skipped)" if "skipped" in f else "")] += 1
+        kinds[
+            f["kind"] + (" (skipped)" if "skipped" in f else " (failed)" if "error" in f else "")
+        ] += 1
     steps = sum(len(r.steps) for r in h.runs)
     return {
         "folder": str(h.folder),
