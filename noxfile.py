@@ -102,20 +102,24 @@ def tests_pythons(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint and format) over everything, flake8-async's extra checks over the library."""
+    """ruff (lint and format) over everything, flake8-async's extra checks over the library
+    and the chaos runner."""
     session.install(RUFF, FLAKE8_ASYNC)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     # The standalone flake8-async takes files, not directories.
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "trio_peers").rglob("*.py"))
+    files = sorted(
+        str(p.relative_to(ROOT)) for d in ("trio_peers", "chaos") for p in (ROOT / d).rglob("*.py")
+    )
     session.run("flake8-async", f"--enable={FLAKE8_ASYNC_CODES}", *files)
 
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy (strict, configured in pyproject.toml) over the library and tests/typing."""
+    """mypy (strict, configured in pyproject.toml) over the library, chaos/ and tests/typing."""
     session.install(".[test]", MYPY, ASYNCPG_STUBS)
     session.run("mypy")
+    session.run("mypy", "chaos")
     if (ROOT / "tests" / "typing").is_dir():
         session.run("mypy", "tests/typing")
 
@@ -137,6 +141,22 @@ def thorough(session: nox.Session) -> None:
     session.install(".[test]")
     args = session.posargs or ["-m", "not postgres"]
     session.run("pytest", *args, env={"HYPOTHESIS_PROFILE": "thorough"})
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """A chaos run and its history check (docs/fault-injection.rst); arguments go to
+    ``python -m chaos.run``, e.g. ``-- --duration 60 --workers 5 --names 20 --seed 7``."""
+    session.install(".[test]")
+    session.run("python", "-m", "chaos.run", *session.posargs)
+
+
+@nox.session
+def chaos_defects(session: nox.Session) -> None:
+    """Chaos runs against deliberately broken copies of the library: every defect must be
+    caught by the checker. Arguments go to ``python -m chaos.defects``."""
+    session.install(".[test]")
+    session.run("python", "-m", "chaos.defects", *session.posargs)
 
 
 FIND_MACHINE_POSTGRES = """

@@ -302,3 +302,9 @@ def test_a_busy_outcome_that_claims_a_win_is_refused_and_changes_nothing() -> No
     with pytest.raises(CoreError):
         core.round_succeeded(1.1, ElectionOutcome(term=1, lease_remaining=5.0, busy=True))
     assert core.round_started_at == 1.0 and core.tenure is None
+
+
+def test_deeply_nested_json_notification_is_malformed_not_an_error() -> None:
+    """Any client may NOTIFY: 4000 bytes of nesting must not raise RecursionError."""
+    assert parse_notification("[" * 2000 + "]" * 2000) is None
+    assert parse_notification('{"down":' * 1500 + "1" + "}" * 1500) is None

@@ -94,9 +94,19 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
     except _PERMANENT as exc:
         raise BackendMisconfigured(f"{type(exc).__name__}: {exc}") from exc
     except asyncpg.exceptions.UndefinedTableError as exc:
-        raise TableMissing(str(exc)) from exc
+        # Dropped while peers run: their prepared statements name it.
+        raise TableMissing(
+            f"{exc}: the lease table is gone; run trio_peers.migrate(dsn) or "
+            "`trio-peers migrate --dsn ...` (with your prefix and table) to create it again"
+        ) from exc
     except asyncpg.exceptions.InsufficientPrivilegeError as exc:
         raise BackendMisconfigured(f"permission denied: {exc}") from exc
+    except asyncpg.exceptions.ReadOnlySQLTransactionError as exc:
+        # Retried (a standby may be promoted, a setting reverted), but say why.
+        raise BackendUnavailable(
+            f"the database is read-only ({exc}): default_transaction_read_only is on, "
+            "or the DSN points at a standby; peers need a writable primary"
+        ) from exc
     except _UNAVAILABLE as exc:
         if isinstance(exc, TimeoutError):
             raise BackendUnavailable("timed out") from exc

@@ -434,7 +434,7 @@ def parse_notification(payload: str) -> Down | None:
     """Parse a NOTIFY payload; ``None`` for anything that is not a valid ``down``."""
     try:
         data = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested JSON (any client)
         return None
     if not isinstance(data, dict):
         return None

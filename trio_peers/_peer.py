@@ -230,6 +230,7 @@ class Peer(metaclass=NoPublicConstructor):
         self._leader_scopes: set[LeaderScope] = set()
         self._counters = _Counters()
         self._faulty = False
+        self._fault_causes: set[tuple[str, str]] = set()
         self._table_missing_logged = False
         self._closing = False
         self._stop_requested = trio.Event()
@@ -655,9 +656,17 @@ class Peer(metaclass=NoPublicConstructor):
         )
 
     def _note_fault(self, exc: BaseException, what: str) -> None:
+        """Log a fault: at WARNING for each new cause during an outage, else at DEBUG.
+
+        An outage often starts with one cause (the connection is lost) and goes on with
+        another (the server came back read-only): each distinct cause is worth one line, a
+        repeated one is not.
+        """
         self._counters.last_error = f"{type(exc).__name__}: {exc}"
-        if not self._faulty:
-            self._faulty = True
+        self._faulty = True
+        cause = _fault_cause(exc)
+        if cause not in self._fault_causes:
+            self._fault_causes.add(cause)
             log.warning(
                 "trio-peers %s (%s): %s failed, stepping down and retrying: %s",
                 self.name,
@@ -785,6 +794,7 @@ class Peer(metaclass=NoPublicConstructor):
     def _round_done(self, change: Change) -> None:
         if self._faulty:
             self._faulty = False
+            self._fault_causes.clear()
             log.info("trio-peers %s (%s): database reachable again", self.name, self.node)
         if self._table_missing_logged:
             self._table_missing_logged = False
@@ -991,6 +1001,18 @@ class Peer(metaclass=NoPublicConstructor):
                 conn.abort()
         if scope.cancelled_caught:
             conn.abort()
+
+
+def _fault_cause(exc: BaseException) -> tuple[str, str]:
+    """What kind of fault ``exc`` is, for logging each kind once per outage.
+
+    The driver's exception class when there is one (a refused connect, a read-only server,
+    a timeout); else the message (``connection lost``).
+    """
+    cause = exc.__cause__
+    if cause is not None:
+        return (type(exc).__name__, type(cause).__name__)
+    return (type(exc).__name__, str(exc))
 
 
 def _fn_name(fn: object) -> str:
