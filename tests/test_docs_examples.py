@@ -258,9 +258,15 @@ class Harness:
     # The stand-ins for trio_peers.open_peer and trio_peers.migrate in memory mode.
 
     def open_peer(
-        self, config: trio_peers.PeerConfig, *, backend: trio_peers.PeerBackend | None = None
+        self,
+        config: trio_peers.PeerConfig,
+        *,
+        backend: trio_peers.PeerBackend | None = None,
+        on_event: trio_peers.EventHook | None = None,
     ) -> contextlib.AbstractAsyncContextManager[trio_peers.Peer]:
-        return _REAL_OPEN_PEER(config, backend=self.backend if backend is None else backend)
+        return _REAL_OPEN_PEER(
+            config, backend=self.backend if backend is None else backend, on_event=on_event
+        )
 
     async def migrate(
         self,

@@ -1,7 +1,6 @@
 """trio_peers.otel.PeerMetrics, read back through the OpenTelemetry SDK's in-memory reader.
 
-The events are fed to the hook directly here; an end-to-end test with a real peer comes with
-the peer's event hook.
+The events are fed to the hook directly here; tests/test_events.py feeds it from a real peer.
 """
 
 from __future__ import annotations

@@ -68,11 +68,15 @@ class ElectionRound:
     ``"failed"``
         the statement failed or timed out (see :attr:`error`); trust, if any, ended;
     ``"busy"``
-        not run: the round was skipped (e.g. leader-only work that ignores cancellation
-        still runs, so the peer does not bid).
+        the lease row was locked by another transaction (a fenced write, say): nothing
+        changed, and a leader keeps its trust deadline (see :doc:`/protocol`).
+
+    A round that is not run (leader-only work that ignores cancellation still runs, so the
+    peer does not bid) reports nothing.
     """
     duration: float
-    """Seconds from sending the statement until its result (or failure) arrived."""
+    """Seconds from the start of the round (just before its statement is sent) until its
+    result, or failure, arrived."""
     term: int | None
     """The term this peer holds after the round, or ``None``."""
     trust_left: float | None

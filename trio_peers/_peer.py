@@ -31,6 +31,18 @@ from ._backend import BackendConnection, BackendConnector, LeaderInfo, PeerBacke
 from ._cell import LeadershipCell, LeadershipChannel
 from ._config import PeerConfig
 from ._core import Change, ElectionCore, parse_notification
+from ._events import (
+    ElectionRound,
+    EventHook,
+    Fault,
+    LeadershipGained,
+    LeadershipLost,
+    LeaseReleased,
+    NotificationKind,
+    NotificationReceived,
+    PeerEvent,
+    RoundOutcome,
+)
 from ._exceptions import (
     BackendMisconfigured,
     BackendUnavailable,
@@ -204,9 +216,11 @@ class Peer(metaclass=NoPublicConstructor):
     .. versionadded:: 0.1
     """
 
-    def __init__(self, config: PeerConfig) -> None:
+    def __init__(self, config: PeerConfig, on_event: EventHook | None = None) -> None:
         now = trio.current_time()
         self._config = config
+        self._on_event = on_event
+        self._hook_errors = _ErrorLog(_UNEXPECTED_LOG_PERIOD)
         self._core = ElectionCore(
             interval=config.interval,
             leader_boost=config.leader_boost,
@@ -567,7 +581,7 @@ class Peer(metaclass=NoPublicConstructor):
         term = self._core.resign(trio.current_time())
         if term is None and not self._core.resigning:
             return None
-        self._publish()  # cancels leader-only work (the caller's own, if it is some)
+        self._publish("resigned")  # cancels leader-only work (the caller's own, if any)
         self._resched.set()  # the loop re-reads its schedule: the resign hold
         resignation = _Resignation()
         assert self._nursery is not None
@@ -598,24 +612,37 @@ class Peer(metaclass=NoPublicConstructor):
             self._report_overrun(scope)
         return False
 
-    def _publish(self) -> None:
-        """Publish the core's current view; bind leader scopes and the watchdog to it."""
+    def _publish(self, reason: str = "trust expired") -> None:
+        """Publish the core's current view; bind leader scopes and the watchdog to it.
+
+        ``reason`` says why leadership would end now, for the event hook.
+        """
         now = trio.current_time()
         leader = self._core.is_leader(now)
         term = self._core.term(now)
         old = self._cell.value
         if self._cell.set(leader, term, now):
+            if old.is_leader:
+                if not leader:
+                    log.info(
+                        "trio-peers %s: leadership lost by %s (term %s)",
+                        self.name,
+                        self.node,
+                        old.term,
+                    )
+                if self._on_event is not None and old.term is not None:
+                    why = reason if not leader else "replaced"
+                    self._emit(
+                        LeadershipLost(
+                            name=self.name, node=self.node, term=old.term, reason=why, at=now
+                        )
+                    )
             if leader:
                 log.info(
                     "trio-peers %s: leadership gained by %s (term %s)", self.name, self.node, term
                 )
-            elif old.is_leader:
-                log.info(
-                    "trio-peers %s: leadership lost by %s (term %s)",
-                    self.name,
-                    self.node,
-                    old.term,
-                )
+                if self._on_event is not None and term is not None:
+                    self._emit(LeadershipGained(name=self.name, node=self.node, term=term, at=now))
         deadline = self._core.trusted_until if leader else math.inf
         if self._watch_scope is not None:
             self._watch_scope.deadline = deadline
@@ -625,6 +652,32 @@ class Peer(metaclass=NoPublicConstructor):
                 self._watch_overrun_soon(scope)
             else:
                 scope.cancel_scope.deadline = deadline
+
+    def _emit(self, event: PeerEvent) -> None:
+        """Hand ``event`` to the hook. The hook's errors are logged, never raised."""
+        assert self._on_event is not None
+        try:
+            self._on_event(event)
+        except Exception as exc:
+            self._hook_errors.report(f"{self.name} ({self.node})", "the event hook", exc)
+
+    def _emit_round(
+        self, started: float, outcome: RoundOutcome, error: BaseException | None
+    ) -> None:
+        now = trio.current_time()
+        leader = self._core.is_leader(now)
+        self._emit(
+            ElectionRound(
+                name=self.name,
+                node=self.node,
+                outcome=outcome,
+                duration=now - started,
+                term=self._core.held_term,
+                trust_left=self._core.trusted_until - now if leader else None,
+                error=None if error is None else f"{type(error).__name__}: {error}",
+                at=now,
+            )
+        )
 
     def _winding_down(self) -> bool:
         """Leader-only work of an ended tenure is still running (cancelled, not done)."""
@@ -655,7 +708,7 @@ class Peer(metaclass=NoPublicConstructor):
             self.node,
         )
 
-    def _note_fault(self, exc: BaseException, what: str) -> None:
+    def _note_fault(self, exc: BaseException, what: str, *, kind: str = "statement") -> None:
         """Log a fault: at WARNING for each new cause during an outage, else at DEBUG.
 
         An outage often starts with one cause (the connection is lost) and goes on with
@@ -664,6 +717,16 @@ class Peer(metaclass=NoPublicConstructor):
         """
         self._counters.last_error = f"{type(exc).__name__}: {exc}"
         self._faulty = True
+        if self._on_event is not None:
+            self._emit(
+                Fault(
+                    name=self.name,
+                    node=self.node,
+                    kind=kind,
+                    error=self._counters.last_error,
+                    at=trio.current_time(),
+                )
+            )
         cause = _fault_cause(exc)
         if cause not in self._fault_causes:
             self._fault_causes.add(cause)
@@ -694,9 +757,13 @@ class Peer(metaclass=NoPublicConstructor):
                 return  # a connection we already dropped or are closing
             self._conn_gen += 1
             self._conn = None
-            self._note_fault(BackendUnavailable("connection lost"), "the database connection")
+            self._note_fault(
+                BackendUnavailable("connection lost"),
+                "the database connection",
+                kind="connection_lost",
+            )
             if self._core.connection_lost(trio.current_time()):
-                self._publish()
+                self._publish("connection lost")
             self._resched.set()
 
         return on_lost
@@ -739,46 +806,52 @@ class Peer(metaclass=NoPublicConstructor):
             self._core.hold()
             await trio.lowlevel.checkpoint()
             return
-        held = self._core.start_round(trio.current_time())
+        started = trio.current_time()
+        held = self._core.start_round(started)
         self._counters.elections_run += 1
         finished = False
+        outcome_name: RoundOutcome = "failed"
+        error: BaseException | None = None
         try:
             conn = await self._ensure_connection()
             with trio.fail_after(st + _GUARD_SLACK):
                 outcome = await conn.elect(node=self.node, held_term=held, statement_timeout=st)
         except TableMissing as exc:
-            finished = True
+            finished, error = True, exc
             self._round_failed(exc, retry_after=self._config.interval)
             self._drop_connection()
             if not self._table_missing_logged:
                 self._table_missing_logged = True
                 log.warning("trio-peers %s: %s; staying follower", self.name, exc)
         except (BackendMisconfigured, SchemaError) as exc:
-            finished = True
+            finished, error = True, exc
             self._round_failed(exc, retry_after=self._config.interval)
             self._drop_connection()
             if entry:
                 raise
             log.error("trio-peers %s: %s", self.name, exc)
         except (BackendUnavailable, TimeoutError, trio.TooSlowError) as exc:
-            finished = True
+            finished, error = True, exc
             self._round_failed(exc)
             self._drop_connection()
         except Exception as exc:
             # A bug (ours, the driver's, the backend's): it costs this round and the
             # connection, never the application. Cancellation is not an Exception.
-            finished = True
+            finished, error = True, exc
             self._round_failed(exc)
             self._drop_connection()
             self._unexpected.report(f"{self.name} ({self.node})", "an election round", exc)
         else:
             finished = True
             change = self._core.round_succeeded(trio.current_time(), outcome)
+            outcome_name = change.value
             self._round_done(change)
         finally:
             if not finished:  # cancelled
                 self._core.abort_round(trio.current_time())
-                self._publish()
+                self._publish("closed")
+            elif self._on_event is not None:
+                self._emit_round(started, outcome_name, error)
             self._round_finished.set()
             self._round_finished = trio.Event()
 
@@ -789,7 +862,17 @@ class Peer(metaclass=NoPublicConstructor):
             self._note_fault(exc, "an election round")
         else:
             self._counters.last_error = f"{type(exc).__name__}: {exc}"
-        self._publish()
+            if self._on_event is not None:
+                self._emit(
+                    Fault(
+                        name=self.name,
+                        node=self.node,
+                        kind="table_missing",
+                        error=self._counters.last_error,
+                        at=trio.current_time(),
+                    )
+                )
+        self._publish("failed")
 
     def _round_done(self, change: Change) -> None:
         if self._faulty:
@@ -811,7 +894,7 @@ class Peer(metaclass=NoPublicConstructor):
                     self.node,
                     "; leading until the current trust deadline" if self.is_leader else "",
                 )
-        self._publish()
+        self._publish("lost" if change is Change.LOST else "trust expired")
 
     # ------------------------------------------------------------------ tasks
 
@@ -851,15 +934,22 @@ class Peer(metaclass=NoPublicConstructor):
     def _handle_payload(self, payload: str) -> None:
         self._counters.notifications_received += 1
         down = parse_notification(payload)
+        kind: NotificationKind = "down"
         if down is None:
+            kind = "malformed"
             self._counters.notifications_ignored += 1
             log.debug("trio-peers %s: ignoring malformed notification %.200r", self.name, payload)
-            return
-        if down.name != self.name or down.sender == self._sender:
+        elif down.name != self.name or down.sender == self._sender:
+            kind = "ignored"
             self._counters.notifications_ignored += 1
-            return
-        if self._core.notified_down(trio.current_time(), down.term):
+        elif self._core.notified_down(trio.current_time(), down.term):
             self._resched.set()
+        if self._on_event is not None:
+            self._emit(
+                NotificationReceived(
+                    name=self.name, node=self.node, kind=kind, at=trio.current_time()
+                )
+            )
 
     async def _watchdog(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -911,6 +1001,23 @@ class Peer(metaclass=NoPublicConstructor):
 
     async def _release(self, term: int) -> bool:
         """Release ``term`` (caller holds the connection lock). Never raises for faults."""
+        started = trio.current_time()
+        released = await self._release_statement(term)
+        if self._on_event is not None:
+            now = trio.current_time()
+            self._emit(
+                LeaseReleased(
+                    name=self.name,
+                    node=self.node,
+                    term=term,
+                    released=released,
+                    duration=now - started,
+                    at=now,
+                )
+            )
+        return released
+
+    async def _release_statement(self, term: int) -> bool:
         try:
             with trio.move_on_after(self._config.cleanup_timeout) as scope:
                 conn = await self._ensure_connection()
@@ -969,7 +1076,7 @@ class Peer(metaclass=NoPublicConstructor):
             try:
                 was_leader = self._cell.value.is_leader
                 term = self._core.close()
-                self._publish()  # cancels leader-only work; channels see is_leader=False
+                self._publish("closed")  # cancels leader-only work; channels see the loss
                 work_stopped = await self._await_leader_work()
                 if term is not None and work_stopped:
                     if await self._release(term):
@@ -1026,7 +1133,10 @@ def _shutdown_bound(config: PeerConfig) -> float:
 
 @asynccontextmanager
 async def open_peer(
-    config: PeerConfig, *, backend: PeerBackend | None = None
+    config: PeerConfig,
+    *,
+    backend: PeerBackend | None = None,
+    on_event: EventHook | None = None,
 ) -> AsyncIterator[Peer]:
     """Join the election for ``config.name``; leave it (releasing any lease) on exit.
 
@@ -1050,6 +1160,10 @@ async def open_peer(
       backend: The lease store. Default: PostgreSQL through asyncpg
         (:class:`trio_peers.AsyncpgBackend`). Tests can pass
         :class:`trio_peers.testing.MemoryBackend`.
+      on_event: An :data:`~trio_peers.EventHook`: a sync function called with each of the
+        peer's events (rounds, leadership, faults, notifications, releases), for metrics;
+        see :doc:`/howto/metrics`. It must not block; what it raises is logged (at most
+        once a minute) and ignored. Without it, no event is built.
 
     Raises:
       BackendMisconfigured: invalid DSN, failed authentication, missing database.
@@ -1063,7 +1177,9 @@ async def open_peer(
         from ._asyncpg import AsyncpgBackend
 
         backend = AsyncpgBackend()
-    peer = Peer._create(config)
+    if on_event is not None and not callable(on_event):
+        raise TypeError(f"on_event must be a callable (an EventHook), got {on_event!r}")
+    peer = Peer._create(config, on_event)
     # What the body raises is kept out of the nursery (which would wrap it in a group,
     # and split a group the body raised) and re-raised as itself afterwards.
     body_error: BaseException | None = None
