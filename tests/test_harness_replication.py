@@ -297,4 +297,3 @@ def test_watchdog_cleans_up_a_frozen_server_after_sigkill() -> None:
             child.wait()
         if child.stdout is not None:
             child.stdout.close()
-

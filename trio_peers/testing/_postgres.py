@@ -386,8 +386,7 @@ def _initdb(bindir: Path, user: str | None, root: Path) -> None:
                 "parent directory of the system temporary directory must be traversable.)"
             )
         raise PostgresServerError(
-            f"initdb failed with exit status {proc.returncode}:\n"
-            f"{proc.stdout}{proc.stderr}{hint}"
+            f"initdb failed with exit status {proc.returncode}:\n{proc.stdout}{proc.stderr}{hint}"
         )
 
 

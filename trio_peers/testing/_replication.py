@@ -338,7 +338,9 @@ class ReplicatedPair:
 
     def resume(self, *, timeout: float = 30.0) -> None:
         """Undo :meth:`cut`: restore ``primary_conninfo``; wait until the standby streams."""
-        self.standby.execute("ALTER SYSTEM SET primary_conninfo = " + _quote_literal(self._conninfo))
+        self.standby.execute(
+            "ALTER SYSTEM SET primary_conninfo = " + _quote_literal(self._conninfo)
+        )
         self.standby.execute("SELECT pg_reload_conf()")
         wait_until(
             lambda: _streaming(self.primary, self.name),
