@@ -14,7 +14,12 @@ import trio_asyncio
 from trio_peers import BackendMisconfigured, BackendUnavailable, migrate, open_peer
 from trio_peers._asyncpg import connect_once, fetch_position
 from trio_peers.testing import PostgresNotFound, PostgresServer, _postgres
-from trio_peers.testing._replication import BlackHole, ReplicatedPair, system_identifier
+from trio_peers.testing._replication import (
+    BlackHole,
+    ReplicatedPair,
+    system_identifier,
+    wait_until,
+)
 
 from ._pgutil import peer_config, wait_for
 
@@ -104,6 +109,18 @@ async def test_black_holed_first_host_costs_only_its_own_timeout(
     assert 0.5 <= elapsed < 0.5 + 5
 
 
+async def test_black_holes_cost_one_timeout_together(
+    pair: ReplicatedPair, hole: BlackHole
+) -> None:
+    # The hosts are tried at once: three black holes cost one connect timeout, not three.
+    dsn = multihost(hole.port, hole.port, hole.port, pair.primary.port)
+    t0 = time.monotonic()
+    assert await server_port(dsn, connect_timeout=1.0) == pair.primary.port
+    elapsed = time.monotonic() - t0
+    print(f"\nthree black holes (1 s timeout each), then the primary: {elapsed * 1000:.0f} ms")
+    assert 1.0 <= elapsed < 2.5
+
+
 async def test_standby_first_connects_to_the_primary(pair: ReplicatedPair) -> None:
     dsn = multihost(pair.standby.port, pair.primary.port)
     assert await server_port(dsn) == pair.primary.port
@@ -188,15 +205,51 @@ async def test_malformed_multihost_dsn_is_misconfigured_at_entry() -> None:
         await migrate(bad_attrs)
 
 
+def trio_peers_backends(server: PostgresServer) -> int:
+    count = server.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'trio-peers'"
+    )[0][0]
+    assert isinstance(count, int)
+    return count
+
+
+async def test_unchosen_and_cancelled_attempts_leave_no_connection(
+    pair: ReplicatedPair, hole: BlackHole
+) -> None:
+    def none_left() -> bool:
+        return trio_peers_backends(pair.primary) == 0 and trio_peers_backends(pair.standby) == 0
+
+    await trio.to_thread.run_sync(lambda: wait_until(none_left, timeout=10, what="no backends"))
+    # The standby answered too, but the primary was chosen: the standby's session is closed.
+    async with connect_once(multihost(pair.standby.port, pair.primary.port), connect_timeout=5):
+        assert await trio.to_thread.run_sync(trio_peers_backends, pair.primary) == 1
+        await trio.to_thread.run_sync(
+            lambda: wait_until(
+                lambda: trio_peers_backends(pair.standby) == 0,
+                timeout=10,
+                what="the unchosen standby session is gone",
+            )
+        )
+    # Cancelled while the black hole holds up the choice: every attempt is dropped.
+    with trio.move_on_after(0.3) as scope:
+        await server_port(multihost(hole.port, pair.standby.port, pair.primary.port))
+    assert scope.cancelled_caught
+    await trio.to_thread.run_sync(
+        lambda: wait_until(none_left, timeout=10, what="the cancelled attempts are gone")
+    )
+
+
 # ---------------------------------------------------------------- peers
 
 
 async def test_peer_leads_through_a_multihost_dsn(pair: ReplicatedPair, hole: BlackHole) -> None:
     database = (await trio.to_thread.run_sync(pair.primary.create_database)).rpartition("/")[2]
     try:
-        dsn = multihost(hole.port, pair.standby.port, pair.primary.port, database=database)
-        assert await migrate(dsn, connect_timeout=0.5)
-        config = peer_config(dsn, "mh", connect_timeout=0.5, interval=2.0)
+        dsn = multihost(
+            hole.port, hole.port, pair.standby.port, pair.primary.port, database=database
+        )
+        assert await migrate(dsn, connect_timeout=1.0)
+        config = peer_config(dsn, "mh", connect_timeout=1.0, interval=4.0)
         async with open_peer(config) as peer:
             await wait_for(lambda: peer.is_leader, limit=20)
         held = await trio.to_thread.run_sync(

@@ -163,15 +163,26 @@ async def _aio_fetch_position(conn: Connection, limit: float) -> ServerPosition:
     return ServerPosition.from_row(dict(row.items()))
 
 
-async def _aio_close_quietly(conn: Connection, limit: float) -> None:
-    """asyncio-flavoured: close a connection we do not want; terminate it if that fails."""
-    try:
-        await conn.close(timeout=limit)
-    except Exception:
-        conn.terminate()
-    except BaseException:
-        conn.terminate()
-        raise
+async def _aio_probe(
+    target: MultiHostDSN, host: HostPort, connect_timeout: float, statement_cache: bool
+) -> tuple[Connection, ServerPosition]:
+    """asyncio-flavoured: connect to one host and read its position, within connect_timeout."""
+    async with asyncio.timeout(connect_timeout):
+        conn = await _aio_connect_host(target, host, connect_timeout, statement_cache)
+        try:
+            position = await _aio_fetch_position(conn, connect_timeout)
+        except BaseException:
+            conn.terminate()
+            raise
+    return conn, position
+
+
+def _discard(task: asyncio.Task[tuple[Connection, ServerPosition]]) -> None:
+    """Done callback of a probe nobody wants: close its connection, swallow its error."""
+    if task.cancelled():
+        return
+    if task.exception() is None:
+        task.result()[0].terminate()
 
 
 async def _aio_connect_multihost(
@@ -179,23 +190,30 @@ async def _aio_connect_multihost(
 ) -> Connection:
     """asyncio-flavoured: connect to the first host of ``target`` that is of the kind wanted.
 
-    Hosts are tried one at a time in the DSN's order, each with the whole
-    ``connect_timeout`` of its own (asyncpg's own multi-host connect shares one timeout
-    among all hosts, so a host that never answers would use it up). Each connection is
-    checked with :data:`POSITION_QUERY`. ``prefer-standby`` falls back to the first
-    server that answered. When no host fits, the error names every host and why it did
-    not: BackendMisconfigured if some host refused us for good (authentication, missing
-    database), else BackendUnavailable.
+    Every host is tried at once, each with ``connect_timeout`` of its own for connecting and
+    reading its :data:`POSITION_QUERY` (asyncpg's own multi-host connect tries them one
+    after the other within one shared timeout, so a host that never answers uses it all
+    up). The first host in the DSN's order that fits wins, as with libpq; so the whole
+    call takes at most ``connect_timeout``, and a host that does not answer delays the
+    hosts after it by at most that. ``prefer-standby`` falls back to the first host that
+    answered. Unchosen connections are terminated. When no host fits, the error names
+    every host and why: BackendMisconfigured if some host refused us for good
+    (authentication, missing database), else BackendUnavailable.
     """
     wanted = target.target_session_attrs
+    tasks = [
+        asyncio.ensure_future(_aio_probe(target, host, connect_timeout, statement_cache))
+        for host in target.hosts
+    ]
     answered: list[str] = []  # hosts that answered but are not of the kind wanted
     failed: list[str] = []  # hosts we could not connect to or read
     permanent: BaseException | None = None
-    fallback: Connection | None = None
+    chosen: asyncio.Task[tuple[Connection, ServerPosition]] | None = None
+    fallback: asyncio.Task[tuple[Connection, ServerPosition]] | None = None
     try:
-        for host in target.hosts:
+        for host, task in zip(target.hosts, tasks, strict=True):
             try:
-                conn = await _aio_connect_host(target, host, connect_timeout, statement_cache)
+                _conn, position = await asyncio.shield(task)
             except _PERMANENT as exc:
                 permanent = permanent or exc
                 failed.append(f"{host}: {type(exc).__name__}: {exc}")
@@ -206,27 +224,26 @@ async def _aio_connect_multihost(
             except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
                 failed.append(f"{host}: {type(exc).__name__}: {exc}")
                 continue
-            try:
-                position = await _aio_fetch_position(conn, connect_timeout)
-            except BaseException as exc:
-                conn.terminate()
-                if not isinstance(exc, (*_UNAVAILABLE, asyncpg.PostgresError)):
-                    raise
-                failed.append(f"{host}: reading its state failed: {type(exc).__name__}: {exc}")
-                continue
             if position.matches(wanted):
-                return conn
+                chosen = task
+                break
             if wanted == "prefer-standby" and fallback is None:
-                fallback = conn
+                fallback = task
                 continue
-            await _aio_close_quietly(conn, min(connect_timeout, 1.0))
             answered.append(f"{host}: {position.read_only_reason or 'it is a writable primary'}")
-        if fallback is not None:
-            chosen, fallback = fallback, None
-            return chosen
+        chosen = chosen or fallback
     finally:
-        if fallback is not None:
-            fallback.terminate()
+        for task in tasks:
+            if task is not chosen:
+                task.add_done_callback(_discard)
+                task.cancel()
+    # Let the cancelled probes close their sockets now (asyncpg does so at once), rather
+    # than at some later turn of a loop that may be about to close.
+    pending = [task for task in tasks if not task.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=1.0)
+    if chosen is not None:
+        return chosen.result()[0]
     raise _no_host_error(wanted, answered, failed, permanent)
 
 
