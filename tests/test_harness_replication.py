@@ -229,6 +229,37 @@ def test_close_and_stop_thaw_a_frozen_server() -> None:
     assert not srv.data_dir.exists()
 
 
+def test_crash_of_a_frozen_server_runs_nothing_it_was_sent() -> None:
+    with PostgresServer.start() as srv:
+        srv.execute("CREATE TABLE sent (a int)")
+        # The harness commits asynchronously (synchronous_commit=off): without a checkpoint,
+        # a crash could lose the table as well.
+        srv.execute("CHECKPOINT")
+
+        async def send_while_frozen() -> None:
+            conn = await asyncpg.connect(srv.dsn, timeout=10)
+            try:
+                srv.freeze()
+                # The INSERT reaches the frozen backend's socket and waits there.
+                with pytest.raises(TimeoutError):
+                    await conn.execute("INSERT INTO sent VALUES (1)", timeout=0.3)
+            finally:
+                conn.terminate()
+
+        run_async(send_while_frozen)
+        pid = srv.pid
+        assert pid is not None
+        children = _children_of(pid)
+        srv.crash()
+        assert not srv.is_running
+        assert not srv.is_frozen
+        assert all(_process_state(p) == "Z" for p in [pid, *children])
+        srv.crash()  # not running: nothing to do
+        srv.start_again()
+        assert rows(srv, "sent") == []
+        assert "not properly shut down" in srv.log_path.read_text()
+
+
 def test_black_hole_accepts_and_never_answers() -> None:
     with BlackHole() as hole:
         assert hole.host == "127.0.0.1"

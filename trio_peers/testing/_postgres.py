@@ -1088,6 +1088,49 @@ class PostgresServer(_SQLAccess):
             self._process = None
             _registry.watch(self._root, None)
 
+    def crash(self) -> None:
+        """Kill the server's processes with SIGKILL, frozen or not, as a power cut would.
+
+        Unlike :meth:`stop` (which thaws a frozen server first, so that its backends may run
+        what their clients sent meanwhile, and commit it), a crashed server runs nothing more.
+        :meth:`start_again` then runs crash recovery. Does nothing if it is not running.
+        """
+        with self._lock:
+            proc = self._process
+            if proc is None:
+                return
+            for process in (*_children_of(proc.pid), proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process, signal.SIGKILL)
+            for process in _children_of(proc.pid):  # forked before the postmaster died
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process, signal.SIGKILL)
+            proc.wait(self._timeout)
+            self._frozen = False
+            self._process = None
+            _registry.watch(self._root, None)
+        # Children orphaned by the postmaster's death are reparented; wait until they are gone
+        # (PostgreSQL refuses to start while a process of the old one holds shared memory).
+        data = str(self.data_dir)
+
+        def leftovers() -> list[int]:
+            found = []
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{entry}/cwd") == data:
+                            found.append(int(entry))
+            return found
+
+        deadline = time.monotonic() + self._timeout
+        while remaining := [p for p in leftovers() if _process_state(p) != "Z"]:
+            for process in remaining:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process, signal.SIGKILL)
+            if time.monotonic() > deadline:  # pragma: no cover
+                raise PostgresServerError(f"processes {remaining} of {self!r} survived SIGKILL")
+            time.sleep(0.005)
+
     def freeze(self) -> None:
         """Stop every process of the server with SIGSTOP, as if its machine hung.
 

@@ -366,11 +366,14 @@ class ReplicatedPair:
     def restart_old_primary(self) -> None:
         """Start the old primary again after a promotion: a second writable server.
 
-        Stops it first if it still runs (thawing it if frozen; an immediate stop, as a crash),
-        and clears ``synchronous_standby_names`` there, so that its commits do not wait for a
-        standby that follows another primary now.
+        Stops it first if it still runs, as a crash: an immediate stop, or :meth:`crash
+        <PostgresServer.crash>` if it is frozen (thawed, its backends would first run what
+        clients sent them while frozen). Clears ``synchronous_standby_names`` there, so that
+        its commits do not wait for a standby that follows another primary now.
         """
-        if self.primary.is_running:
+        if self.primary.is_frozen:
+            self.primary.crash()
+        elif self.primary.is_running:
             self.primary.stop("immediate")
         self.primary.start_again()
         self.primary.execute("ALTER SYSTEM RESET synchronous_standby_names")
