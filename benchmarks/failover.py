@@ -244,21 +244,24 @@ async def run_peer(
     task_status: trio.TaskStatus[tuple[Peer, trio.Event]],
 ) -> None:
     stop = trio.Event()
-    async with open_peer(config) as peer, trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
+        async with open_peer(config) as peer:
 
-        async def watch() -> None:
-            async for change in peer.leadership():
-                tl.change(config.node, change)
+            async def watch() -> None:
+                async for change in peer.leadership():
+                    tl.change(config.node, change)
 
-        async def sample() -> None:
-            while True:
-                tl.sample(config.node, peer.is_leader, peer.term)
-                await trio.sleep(0.005)
+            async def sample() -> None:
+                # Outside the peer's scope: it goes on sampling while the peer leaves.
+                while True:
+                    tl.sample(config.node, peer.is_leader, peer.term)
+                    await trio.sleep(0.005)
 
-        nursery.start_soon(watch)
-        nursery.start_soon(sample)
-        task_status.started((peer, stop))
-        await stop.wait()
+            nursery.start_soon(watch)
+            nursery.start_soon(sample)
+            task_status.started((peer, stop))
+            await stop.wait()
+        tl.sample(config.node, peer.is_leader, peer.term)
         nursery.cancel_scope.cancel()
     tl.sample(config.node, False, None)
 
