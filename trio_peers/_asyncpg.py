@@ -243,7 +243,8 @@ async def _aio_connect_multihost(
     if pending:
         await asyncio.wait(pending, timeout=1.0)
     if chosen is not None:
-        return chosen.result()[0]
+        # asyncio-flavoured: a DSN with two or more hosts awaited a probe above.
+        return chosen.result()[0]  # noqa: ASYNC910
     raise _no_host_error(wanted, answered, failed, permanent)
 
 
