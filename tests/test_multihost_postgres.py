@@ -103,10 +103,10 @@ async def test_black_holed_first_host_costs_only_its_own_timeout(
 ) -> None:
     dsn = multihost(hole.port, pair.primary.port)
     t0 = time.monotonic()
-    assert await server_port(dsn, connect_timeout=0.5) == pair.primary.port
+    assert await server_port(dsn, connect_timeout=1.0) == pair.primary.port
     elapsed = time.monotonic() - t0
-    print(f"\nblack hole (0.5 s timeout), then the primary: {elapsed * 1000:.0f} ms")
-    assert 0.5 <= elapsed < 0.5 + 5
+    print(f"\nblack hole (1 s timeout), then the primary: {elapsed * 1000:.0f} ms")
+    assert 1.0 <= elapsed < 1.0 + 5
 
 
 async def test_black_holes_cost_one_timeout_together(
