@@ -184,6 +184,7 @@ def test_frozen_server_holds_connections_without_answering() -> None:
 
         async def check_frozen() -> None:
             conn = await asyncpg.connect(srv.dsn, timeout=10)
+            idle = await asyncpg.connect(srv.dsn, timeout=10)
             try:
                 srv.freeze()
                 assert srv.is_frozen
@@ -202,10 +203,13 @@ def test_frozen_server_holds_connections_without_answering() -> None:
                 assert not conn.is_closed()
             finally:
                 srv.thaw()
+                # The timed-out query's cancel request waits in the frozen postmaster's
+                # backlog: once thawed it may hit any later query on that connection.
+                conn.terminate()
             assert not srv.is_frozen
-            # Thawed, the open connection answers again (the timed-out query was cancelled).
-            assert await conn.fetchval("SELECT 2", timeout=10) == 2
-            await conn.close()
+            # Thawed, an open connection answers again.
+            assert await idle.fetchval("SELECT 2", timeout=10) == 2
+            await idle.close()
 
         run_async(check_frozen)
         assert srv.execute("SELECT 1") == [(1,)]

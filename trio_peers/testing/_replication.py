@@ -324,16 +324,19 @@ class ReplicatedPair:
         """Stop replication: later commits on the primary do not reach the standby.
 
         Empties the standby's ``primary_conninfo`` (``ALTER SYSTEM`` and a reload), which
-        makes it stop its WAL receiver and start none; returns once the primary has no WAL
-        sender for it any more. With asynchronous replication, what the primary commits from
+        makes it stop its WAL receiver and start none; returns once the standby has no WAL
+        receiver and the primary no WAL sender for it any more. With asynchronous replication, what the primary commits from
         now on is lost by a :meth:`promote`; with synchronous replication those commits wait.
         """
         self.standby.execute("ALTER SYSTEM SET primary_conninfo = ''")
         self.standby.execute("SELECT pg_reload_conf()")
         wait_until(
-            lambda: not _has_walsender(self.primary, self.name),
+            lambda: (
+                self.standby.execute("SELECT count(*) FROM pg_stat_wal_receiver")[0][0] == 0
+                and not _has_walsender(self.primary, self.name)
+            ),
             timeout=timeout,
-            what="the primary has no WAL sender for the standby",
+            what="the standby has no WAL receiver, and the primary no WAL sender for it",
         )
 
     def resume(self, *, timeout: float = 30.0) -> None:
