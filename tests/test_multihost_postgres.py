@@ -321,3 +321,39 @@ async def test_positions_of_primary_standby_and_promoted_standby(
     assert not read_only.in_recovery
     assert read_only.default_transaction_read_only
     assert read_only.read_only_reason == "default_transaction_read_only is on"
+
+
+async def test_peer_connection_reads_its_position(pair: ReplicatedPair) -> None:
+    from trio_peers._asyncpg import AsyncpgBackend
+
+    database = (await trio.to_thread.run_sync(pair.primary.create_database)).rpartition("/")[2]
+    try:
+        await migrate(multihost(pair.primary.port, database=database))
+        await trio.to_thread.run_sync(lambda: pair.wait_replayed())
+        on_primary = peer_config(multihost(pair.primary.port, database=database), "p")
+        async with AsyncpgBackend().open(on_primary) as connector:
+            conn = await connector.connect(on_notification=lambda _p: None, on_lost=lambda: None)
+            try:
+                position = await conn.position(statement_timeout=5)  # type: ignore[attr-defined]
+            finally:
+                await conn.aclose()
+        assert position.writable
+        assert position.timeline == 1
+
+        # On a standby a peer's connection fails at LISTEN, before anything could read its
+        # position; without LISTEN it connects and reports recovery.
+        standby_dsn = multihost(pair.standby.port, database=database)
+        async with AsyncpgBackend().open(peer_config(standby_dsn, "s")) as connector:
+            with pytest.raises(BackendUnavailable, match="cannot execute LISTEN during recovery"):
+                await connector.connect(on_notification=lambda _p: None, on_lost=lambda: None)
+        quiet = peer_config(standby_dsn, "s", listen=False)
+        async with AsyncpgBackend().open(quiet) as connector:
+            conn = await connector.connect(on_notification=lambda _p: None, on_lost=lambda: None)
+            try:
+                position = await conn.position(statement_timeout=5)  # type: ignore[attr-defined]
+            finally:
+                await conn.aclose()
+        assert position.in_recovery
+        assert position.timeline is None
+    finally:
+        await trio.to_thread.run_sync(pair.primary.drop_database, database)
