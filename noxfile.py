@@ -1,13 +1,19 @@
 """Development sessions: ``python3 -m nox -s <session>``.
 
-Every session runs on the interpreter nox itself runs on (no interpreter downloads), in a venv
-that is reused between runs. Tool versions are pinned here and only here.
+Every session but ``tests_pythons`` runs on the interpreter nox itself runs on, in a venv that
+is reused between runs; ``tests_pythons`` runs on each Python the project claims that the
+machine has (never downloaded). Tool versions are pinned here and only here.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
+import tarfile
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import nox
@@ -15,15 +21,46 @@ import nox
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_external_run = True
+nox.options.download_python = "never"
+# A missing interpreter skips its session, except in CI (the CI variable set), where it fails.
+nox.options.error_on_missing_interpreters = "CI" in os.environ
 nox.options.sessions = ["lint", "typecheck", "tests"]
 
 ROOT = Path(__file__).parent
+
+# The CPython versions the project claims (pyproject.toml's classifiers; tests/test_packaging.py
+# checks that the two lists agree).
+PYTHONS = ("3.11", "3.12", "3.13")
+
+
+def _pyenv_bindirs() -> Iterator[str]:
+    """The bin directories of the newest pyenv install of each claimed version.
+
+    pyenv's shims only run the versions that ``pyenv global`` selects, so nox, which looks for
+    ``python3.X`` on PATH, would not find the others. Their real directories go first on PATH.
+    """
+    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    for version in PYTHONS:
+        found = [
+            path
+            for path in root.glob(f"{version}.*/bin/python{version}")
+            if re.fullmatch(rf"{re.escape(version)}\.\d+", path.parents[1].name)
+        ]
+        if found:
+            newest = max(found, key=lambda p: int(p.parents[1].name.rsplit(".", 1)[1]))
+            yield str(newest.parent)
+
+
+os.environ["PATH"] = os.pathsep.join([*_pyenv_bindirs(), os.environ.get("PATH", "")])
 
 RUFF = "ruff==0.17.6"
 FLAKE8_ASYNC = "flake8-async==26.8.1"
 MYPY = "mypy==2.4.1"
 ASYNCPG_STUBS = "asyncpg-stubs==0.32.0"
-DOCS_DEPS = ("sphinx==9.0.4", "sphinxcontrib-trio==1.2.0", "furo==2025.12.19")
+BUILD = "build==1.6.1"
+TWINE = "twine==7.0.0"
+# The docs' pinned dependencies, shared with Read the Docs (.readthedocs.yaml).
+DOCS_REQUIREMENTS = "docs/requirements.txt"
 
 # Checks ruff's ASYNC rules lack; they must be named one by one to be switched on.
 FLAKE8_ASYNC_CODES = "ASYNC100,ASYNC101,ASYNC102,ASYNC119,ASYNC900,ASYNC910,ASYNC911"
@@ -37,6 +74,30 @@ def tests(session: nox.Session) -> None:
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
     session.run("coverage", "combine")
     session.run("coverage", "report")
+
+
+# What tests_pythons runs by default: everything but the PostgreSQL tests, then the PostgreSQL
+# tests of the peer itself (the harness, command line, docs and pooler tests run on the main
+# Python only, in the tests session).
+PEER_POSTGRES_TESTS = (
+    "tests/test_peer_postgres.py",
+    "tests/test_smoke_postgres.py",
+    "tests/test_leader_work_postgres.py",
+)
+
+
+@nox.session(python=PYTHONS)
+def tests_pythons(session: nox.Session) -> None:
+    """The suite on each claimed Python present: non-PostgreSQL tests, then the peer's on PostgreSQL.
+
+    With arguments, runs ``pytest`` with them instead.
+    """
+    session.install(".[test]")
+    if session.posargs:
+        session.run("pytest", *session.posargs)
+        return
+    session.run("pytest", "-m", "not postgres")
+    session.run("pytest", *PEER_POSTGRES_TESTS)
 
 
 @nox.session
@@ -62,7 +123,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the HTML documentation; warnings and broken references are errors."""
-    session.install(".", *DOCS_DEPS)
+    session.install(".[otel]", "-r", DOCS_REQUIREMENTS)
     session.run(
         "python",
         *("-m", "sphinx", "-T", "-E", "-W", "--keep-going", "-n"),
@@ -139,3 +200,76 @@ def _stop_server(server: subprocess.Popen[str]) -> None:
             server.wait()
     if server.stdout is not None:
         server.stdout.close()
+
+
+# What the sdist must hold besides the package, so that its tests run from it: the test suite
+# and its data, the docs (their examples are tests), and the files they read.
+SDIST_NEEDS = ("pyproject.toml", "noxfile.py", "README.md", "CHANGELOG.md", "tests/", "docs/")
+
+
+def _git_files(*paths: str) -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--", *paths], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()
+
+
+@nox.session
+def dist(session: nox.Session) -> None:
+    """Build the sdist and wheel, check them, and use them as users would: the wheel installed
+    in a fresh venv runs the command line and a short demo; the sdist runs the tests."""
+    session.install(BUILD, TWINE)
+    tmp = Path(session.create_tmp()).resolve()
+    out = tmp / "dist"
+    shutil.rmtree(out, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", str(out), str(ROOT))
+    (sdist,) = out.glob("trio_peers-*.tar.gz")
+    (wheel,) = out.glob("trio_peers-*.whl")
+    session.run("twine", "check", "--strict", str(sdist), str(wheel))
+
+    # The version comes from git (hatch-vcs); 0.0.0 is its fallback when there is no history.
+    version = wheel.name.split("-")[1]
+    if version == "0.0.0" or sdist.name != f"trio_peers-{version}.tar.gz":
+        session.error(f"bad version: {wheel.name}, {sdist.name} (is this a git checkout?)")
+
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    top = {n.split("/")[0] for n in names}
+    if top != {"trio_peers", f"trio_peers-{version}.dist-info"}:
+        session.error(f"the wheel holds more than the package: {sorted(top)}")
+    if "trio_peers/py.typed" not in names or "trio_peers/_cli/_main.py" not in names:
+        session.error("the wheel lacks py.typed or the command line")
+
+    with tarfile.open(sdist) as tf:
+        prefix = f"trio_peers-{version}/"
+        members = {m.name.removeprefix(prefix) for m in tf.getmembers() if m.isfile()}
+        missing = [f for f in _git_files(*SDIST_NEEDS, "trio_peers/") if f not in members]
+        if missing:
+            session.error(f"the sdist lacks files the tests need: {missing}")
+        source = tmp / "sdist"
+        shutil.rmtree(source, ignore_errors=True)
+        tf.extractall(source, filter="data")
+
+    # A fresh venv, outside the source tree, with the wheel and its demo extra.
+    venv = tmp / "venv"
+    session.run("python", "-m", "venv", "--clear", str(venv))
+    python = str(venv / "bin" / "python")
+    script = str(venv / "bin" / "trio-peers")
+    session.run(python, "-m", "pip", "install", "-q", f"{wheel}[demo,test]", external=True)
+    session.chdir(tmp)
+    help_text = session.run(script, "--help", external=True, silent=True)
+    if not isinstance(help_text, str) or "demo" not in help_text:
+        session.error(f"trio-peers --help printed no commands: {help_text!r}")
+    shown = session.run(script, "--version", external=True, silent=True)
+    if not isinstance(shown, str) or shown.split() != ["trio-peers", version]:
+        session.error(f"trio-peers --version printed {shown!r}, not {version}")
+    session.run(python, "-m", "trio_peers", "--help", external=True, silent=True)
+    # A throwaway PostgreSQL from the demo extra, two peers, a handover or two.
+    session.run(
+        script, "demo", "--peers", "2", "--duration", "8", "--interval", "1", external=True
+    )
+
+    # The sdist's own tests, on the installed wheel's dependencies (not PostgreSQL: the tests
+    # session runs those).
+    session.chdir(source / prefix)
+    session.run(python, "-m", "pytest", "-q", "-m", "not postgres", external=True)

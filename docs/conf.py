@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import pkgutil
+import sys
+from pathlib import Path
 
 from sphinx.application import Sphinx
 
@@ -18,7 +20,11 @@ except importlib.metadata.PackageNotFoundError:  # building from a bare checkout
     release = "0.0.0"
 version = ".".join(release.split(".")[:2])
 
+# docs/_diagrams.py: the timing diagrams, drawn from trio-peers' own defaults and formulas.
+sys.path.insert(0, str(Path(__file__).parent))
+
 extensions = [
+    "_diagrams",
     "sphinx.ext.autodoc",
     "sphinx.ext.intersphinx",
     "sphinxcontrib_trio",
@@ -36,12 +42,14 @@ nitpicky = True
 # (Trio, asyncpg, attrs, and the standard-library modules our signatures mention); every name
 # of trio-peers itself must resolve, with the exceptions in nitpick_ignore below.
 nitpick_ignore_regex = [
-    (r"py:.*", r"(trio|asyncpg|attrs|asyncio)(\..*)?"),
+    (r"py:.*", r"(trio|asyncpg|attrs|asyncio|opentelemetry)(\..*)?"),
     (r"py:.*", r"(datetime|contextlib|collections\.abc|pathlib|os|typing|types)(\..*)?"),
 ]
 nitpick_ignore = [
     # pathlib.Path, as the testing harness's annotations spell it.
     ("py:class", "Path"),
+    # opentelemetry.metrics.MeterProvider, as trio_peers.otel's annotations spell it.
+    ("py:class", "MeterProvider"),
     # The operating system's variable, named in find_postgres_bindir's docstring.
     ("envvar", "PATH"),
 ]

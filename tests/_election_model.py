@@ -49,7 +49,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import heapq
-import itertools
 import math
 import random
 from collections.abc import Callable
@@ -237,8 +236,9 @@ class Sim:
         # (time, sequence, dies with connections?, method name, args): plain data, so
         # that copy.deepcopy() copies pending events along with the peers they refer to.
         self._events: list[tuple[float, int, bool, str, tuple[object, ...]]] = []
-        self._seq = itertools.count()
-        self._uids = itertools.count()
+        # Plain ints, not itertools.count(): copying those is deprecated since Python 3.12.
+        self._seq = 0
+        self._uids = 0
         self._seeds = random.Random(seed)
         self._store_up_at = -math.inf
         # invariant state
@@ -252,7 +252,8 @@ class Sim:
     def add_peer(self, *, node: str, rate: float = 1.0, offset: float = 0.0) -> SimPeer:
         assert abs(rate - 1) <= self.drift + 1e-12
         core = make_core(self.config, random.Random(self._seeds.getrandbits(32)))
-        peer = SimPeer(next(self._uids), node, core, offset - rate * self.now, rate)
+        uid, self._uids = self._uids, self._uids + 1
+        peer = SimPeer(uid, node, core, offset - rate * self.now, rate)
         # offset is given as the local clock's reading now
         self.peers.append(peer)
         return peer
@@ -330,6 +331,7 @@ class Sim:
             return False
         loc = peer.local(self.now)
         term = peer.core.resign(loc)
+        assert peer.core.take_release() == term  # the shell releases what take_release gives
         if term is not None:
             hold = resign_hold(self.interval, self.drift)
             self._check_delay("resign", peer.core.next_round_at - loc, hold, hold)
@@ -419,7 +421,8 @@ class Sim:
         return None
 
     def _push(self, t: float, method: str, *args: object, on_connection: bool = False) -> None:
-        heapq.heappush(self._events, (t, next(self._seq), on_connection, method, args))
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, on_connection, method, args))
 
     def _next_event(self, target: float) -> tuple[float, SimPeer | None] | None:
         """The next thing to happen: a queued event (peer None) or a peer's round start."""

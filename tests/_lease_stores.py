@@ -155,6 +155,45 @@ class Store:
         )
         assert status == "UPDATE 1", status
 
+    @contextlib.asynccontextmanager
+    async def row_locked(self, name: str = "default") -> AsyncIterator[None]:
+        """Hold the row of ``name`` locked, as another transaction would, inside the block."""
+        if self.memory is not None:
+            await trio.lowlevel.checkpoint()
+            self.memory.lock_row(name)
+            try:
+                yield
+            finally:
+                self.memory.unlock_row(name)
+            return
+        locker = await self._aio(asyncpg.connect)(self.dsn)
+        try:
+            await self._aio(locker.execute)("BEGIN")
+            await self._aio(locker.execute)(
+                "SELECT 1 FROM trio_peers WHERE name = $1 FOR UPDATE", name
+            )
+            yield
+        finally:
+            locker.terminate()
+
+    async def xid_and_wal(self) -> tuple[int, int]:
+        """PostgreSQL only: the next transaction id and the WAL insert position (bytes).
+
+        ``pg_snapshot_xmax(pg_current_snapshot())`` reads the next xid without assigning one.
+        """
+        sql = await self._raw()
+        rec = await self._aio(sql.fetchrow)(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xid, "
+            "pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint AS wal"
+        )
+        return rec["xid"], rec["wal"]
+
+    async def sql(self, query: str, *args: object) -> str:
+        """PostgreSQL only: run one statement on the test's own connection."""
+        sql = await self._raw()
+        status: str = await self._aio(sql.execute)(query, *args)
+        return status
+
     async def notify_sentinel(self, config: PeerConfig, payload: str) -> None:
         """Send ``payload`` on the channel from outside the peers (PostgreSQL: pg_notify)."""
         if self.memory is not None:

@@ -194,3 +194,18 @@ async def test_names_are_independent(spec: StoreSpec) -> None:
         assert (await x.elect("a", 1)).term == 1
         assert await x.release("a", 1)
         assert await store.row("y") == Row("b", 1, live=True)
+
+
+async def test_a_row_locked_by_another_transaction_makes_writers_busy(spec: StoreSpec) -> None:
+    async with spec.open() as store:
+        a, b = await store.connect(), await store.connect()
+        assert (await a.elect("a", None)).term == 1
+        async with store.row_locked():
+            renewal = await a.elect("a", 1)
+            assert renewal.term is None and renewal.busy
+            denied = await b.elect("b", None)  # a pure read: not held up, not busy
+            assert denied.term is None and not denied.busy
+            assert (denied.holder_node, denied.holder_term) == ("a", 1)
+        assert await store.row() == Row("a", 1, live=True)
+        renewed = await a.elect("a", 1)
+        assert renewed.term == 1 and not renewed.busy

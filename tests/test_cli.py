@@ -22,18 +22,17 @@ import trio
 
 import trio_peers
 from trio_peers import PeerConfig, open_peer
-from trio_peers._cli import (
+from trio_peers._cli._common import (
     EXIT_MISCONFIGURED,
     EXIT_OK,
     EXIT_SCHEMA,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     LIBPQ_ENV,
-    describe_change,
     describe_dsn,
-    main,
     resolve_dsn,
 )
+from trio_peers._cli._main import describe_change, main
 
 REPO_ROOT = Path(trio_peers.__file__).resolve().parent.parent
 
@@ -182,7 +181,7 @@ def test_describe_dsn_hides_the_password() -> None:
 
 
 def test_describe_change() -> None:
-    from trio_peers._cli import _Seen
+    from trio_peers._cli._main import _Seen
 
     a1, a1_gone, b2 = _Seen("a", 1, True), _Seen("a", 1, False), _Seen("b", 2, True)
     assert describe_change("n", a1, a1) is None
@@ -221,7 +220,13 @@ def test_migrate_prefix_table_unlogged(
     )
     assert rows == [("u",)]
     assert main(["status", *argv]) == EXIT_OK
-    assert "no leader" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "no leader" in captured.out
+    # status says what an UNLOGGED table costs, on stderr (stdout stays the table or JSON).
+    assert "app.leases is UNLOGGED" in captured.err and "SET LOGGED" in captured.err
+    assert main(["status", *argv, "--json"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [] and "UNLOGGED" in captured.err
 
 
 def test_migrate_subprocess(pg_dsn: str) -> None:
@@ -278,7 +283,9 @@ def test_status_table(
     assert "alpha" not in out
 
     assert main(["status", "--dsn", migrated, "--name", "nobody"]) == EXIT_OK
-    assert "no lease for name 'nobody'" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "no lease for name 'nobody'" in captured.out
+    assert "UNLOGGED" not in captured.err  # a logged table: no warning
 
 
 def test_status_json(

@@ -80,6 +80,8 @@ def test_statement_timeout_default_scales_with_interval() -> None:
         ({"prefix": "p" * 40, "table": "t" * 30}, ValueError, "channel"),
         ({"max_clock_drift": 0.5}, ValueError, "max_clock_drift"),
         ({"max_clock_drift": -0.01}, ValueError, "max_clock_drift"),
+        ({"max_clock_drift": 0}, ValueError, "max_clock_drift"),
+        ({"max_clock_drift": 0.0009}, ValueError, "at least 0.001"),
         ({"connect_timeout": 0}, ValueError, "connect_timeout"),
         ({"cleanup_timeout": -1}, ValueError, "cleanup_timeout"),
         ({"statement_timeout": 0}, ValueError, "statement_timeout"),
@@ -103,3 +105,9 @@ def test_channel_exactly_63_bytes_is_accepted() -> None:
 def test_identifiers_keep_their_case() -> None:
     config = PeerConfig(dsn=DSN, prefix="MySchema", table="Leases")
     assert config.channel == "MySchema.Leases"
+
+
+def test_max_clock_drift_floor_is_accepted() -> None:
+    """The smallest drift allowance covers real clocks (NTP slews by up to 0.0005)."""
+    config = PeerConfig(dsn=DSN, interval=10.0, max_clock_drift=0.001)
+    assert config.trust_margin == pytest.approx(0.01)

@@ -255,3 +255,50 @@ def test_resigned_peer_ignores_stale_downs_but_follows_a_newer_release() -> None
     assert core.next_round_at == held_until
     assert core.notified_down(2.0, 4)  # its successor resigned: bid now
     assert core.next_round_at == 2.0
+
+
+def busy() -> ElectionOutcome:
+    return ElectionOutcome(term=None, busy=True)
+
+
+def test_busy_renewal_keeps_the_trust_deadline_and_retries_before_it_ends() -> None:
+    core = make_core()
+    round_(core, 0.0, 0.01, won(1))
+    deadline = core.trusted_until
+    assert round_(core, 4.5, 4.51, busy()) is Change.BUSY
+    assert core.trusted_until == deadline  # neither extended nor cut
+    assert core.is_leader(deadline - 0.001) and core.held_term == 1
+    assert 4.51 < core.next_round_at <= deadline - ST
+    # Busy again and again: the retries back off, never past the last chance to renew
+    # (trust deadline minus a statement timeout) while it is ahead, and never spin.
+    t = core.next_round_at
+    for _ in range(10):
+        round_(core, t, t + 0.01, busy())
+        if t + 0.01 < deadline - ST:
+            assert core.next_round_at <= deadline - ST
+        assert core.next_round_at > t + 0.01
+        t = core.next_round_at
+    assert core.failures == 0
+    # Free again (the trust deadline passed meanwhile): the same tenure resumes, and trust
+    # runs from that round's start.
+    assert t > deadline
+    assert round_(core, t, t + 0.01, won(1)) is Change.RESUMED
+    assert core.trusted_until == pytest.approx(t + INTERVAL - MARGIN)
+    assert core.busy_rounds == 0
+
+
+def test_busy_follower_stays_follower_and_backs_off() -> None:
+    core = make_core()
+    assert round_(core, 0.0, 0.01, busy()) is Change.BUSY
+    assert not core.is_leader(0.01) and core.held_term is None
+    first = core.next_round_at - 0.01
+    round_(core, core.next_round_at, core.next_round_at, busy())
+    assert 0 < first <= core.backoff_base
+
+
+def test_a_busy_outcome_that_claims_a_win_is_refused_and_changes_nothing() -> None:
+    core = make_core()
+    core.start_round(1.0)
+    with pytest.raises(CoreError):
+        core.round_succeeded(1.1, ElectionOutcome(term=1, lease_remaining=5.0, busy=True))
+    assert core.round_started_at == 1.0 and core.tenure is None

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.timeout(300 * max(1, settings.default.max_examples // 1
 
 seeds = st.integers(0, 2**32 - 1)
 intervals = st.floats(0.01, 1e4)
-drifts = st.floats(0.0, 0.25)
+drifts = st.floats(0.001, 0.25)
 boosts = st.floats(1.0, 16.0)
 st_fractions = st.floats(0.001, 0.5)
 rate_fractions = st.floats(-1.0, 1.0)

@@ -50,7 +50,7 @@ NODES = "abcd"
 unit = st.floats(0.0, 1.0)
 intervals = st.one_of(st.sampled_from([0.5, 1.0, 30.0]), st.floats(0.05, 120.0))
 boosts = st.one_of(st.sampled_from([1.0, 2.0]), st.floats(1.0, 8.0))
-drifts = st.one_of(st.sampled_from([0.0, 0.01, 0.25]), st.floats(0.0, 0.25))
+drifts = st.one_of(st.sampled_from([0.001, 0.01, 0.25]), st.floats(0.001, 0.25))
 st_fractions = st.one_of(st.sampled_from([0.25, 0.5]), st.floats(0.01, 0.5))
 #: A clock rate within the drift bound, as a fraction of it: -1 (slowest) .. 1 (fastest).
 rate_fractions = st.one_of(st.sampled_from([-1.0, 1.0, 0.0]), st.floats(-1.0, 1.0))

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from tests.test_cli import importable_env
-from trio_peers._demo import (
+from trio_peers._cli._demo import (
     DemoOptions,
     Disruption,
     Tenure,

@@ -30,6 +30,10 @@ Options of a python block:
     Send this process SIGTERM after S (virtual) seconds; the example must then finish.
 ``postgres``
     Real PostgreSQL, real clock (the whole chain of ``continue`` blocks).
+``file=NAME``
+    Not run on its own: a file of a user's test suite (``conftest.py``, ``test_*.py``). The
+    blocks with this option on one page make up one suite, which pytest runs in a subprocess
+    with the ``ini`` block marked ``file=pytest.ini`` on that page; every test must pass.
 
 A ``text`` block with the option ``output`` is compared with what the python block before it
 printed (``...`` matches anything, as in doctest's ELLIPSIS).
@@ -199,6 +203,8 @@ def python_chains() -> list[Chain]:
     chains: list[Chain] = []
     last_python: dict[Path, Block] = {}
     for block in all_blocks():
+        if block.language == "python" and block.flag("file"):
+            continue  # part of a pytest suite: test_documented_pytest_suites
         if block.language == "python":
             if block.flag("continue"):
                 chain = chains[-1]
@@ -224,10 +230,10 @@ def blocks_with(language: str, option: str) -> list[Block]:
 
 def test_every_example_is_exercised() -> None:
     """No example is left out: every block has a language this file knows how to run."""
-    runnable = {"python", "postgresql", "console", "text", "sh"}
+    runnable = {"python", "postgresql", "console", "text", "sh", "ini"}
     for block in all_blocks():
         assert block.language in runnable, f"{block.where}: unknown language {block.language!r}"
-        if block.language in ("postgresql", "console"):
+        if block.language in ("postgresql", "console", "ini"):
             assert block.options, f"{block.where}: a {block.language} block with no test-example"
         if block.language == "sh":
             # Only the README's two commands at the top: CI runs the test command verbatim,
@@ -376,6 +382,55 @@ def test_python_example_on_postgres(
     chain: Chain, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     Harness(chain, pg_dsn, memory=False).run(monkeypatch)
+
+
+# ---------------------------------------------------------------------- pytest suites
+
+
+def pytest_suites() -> dict[Path, list[Block]]:
+    suites: dict[Path, list[Block]] = {}
+    for block in all_blocks():
+        if block.language == "python" and block.flag("file"):
+            suites.setdefault(block.path, []).append(block)
+    return suites
+
+
+PYTEST_SUITES = pytest_suites()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "path", list(PYTEST_SUITES), ids=[str(p.relative_to(ROOT)) for p in PYTEST_SUITES]
+)
+def test_documented_pytest_suite(
+    path: Path, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files: dict[str, str] = {}
+    for block in PYTEST_SUITES[path]:
+        name = block.options["file"]
+        assert name not in files, f"{block.where}: a second block for {name}"
+        files[name] = block.code
+    for name, code in files.items():
+        (pytester.path / name).write_text(code)
+    (block,) = [b for b in blocks_with("ini", "file") if b.path == path]
+    pytester.makeini(block.code + "addopts = -p no:cacheprovider\n")
+    for key, value in cli_env().items():
+        monkeypatch.setenv(key, value)
+    result = pytester.runpytest_subprocess("-v", timeout=240)
+    tests = sum(
+        code.count("\ndef test_") + code.count("\nasync def test_") for code in files.values()
+    )
+    assert tests >= 1
+    if os.environ.get("TRIO_PEERS_TEST_DSN"):
+        outcomes = result.parseoutcomes()
+        assert outcomes.get("failed", 0) == outcomes.get("errors", 0) == 0, result.stdout.str()
+        assert outcomes.get("passed", 0) + outcomes.get("skipped", 0) == tests
+    else:
+        result.assert_outcomes(passed=tests)
+
+
+def test_the_documented_suites_exist() -> None:
+    assert {p.name for p in PYTEST_SUITES} == {"testing.rst"}
 
 
 # ---------------------------------------------------------------------- SQL
@@ -556,13 +611,20 @@ def test_reference_documents_every_public_name() -> None:
 
     text = (DOCS / "reference.rst").read_text()
     documented = set(re.findall(r"^\.\. (?:auto\w+|data):: ([\w.]+)", text, re.MULTILINE))
-    testing_names = [n for n in dir(trio_peers.testing) if not n.startswith("_")]
+    by_hand = set(re.findall(r"^\.\. data:: ([\w.]+)", text, re.MULTILINE))
+    modules = set(re.findall(r"^\.\. module:: ([\w.]+)", text, re.MULTILINE))
+    assert modules >= {"trio_peers.testing", "trio_peers.testing.pytest_plugin"}
+    testing_names = [
+        n
+        for n in dir(trio_peers.testing)
+        if not n.startswith("_") and not inspect.ismodule(getattr(trio_peers.testing, n))
+    ]
     for module, names in (
         ("trio_peers", trio_peers.__all__),
         ("trio_peers.testing", testing_names),
     ):
         for name in names:
             assert name in documented, f"{module}.{name} is missing from docs/reference.rst"
-            if name != "__version__":
+            if name not in by_hand:  # `.. data::` entries carry their text in the rst
                 obj = getattr(sys.modules[module], name)
                 assert (obj.__doc__ or "").strip(), f"{module}.{name} has no docstring"

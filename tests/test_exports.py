@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 import pytest
 
 import trio_peers
+import trio_peers.otel
 import trio_peers.testing
 
 
@@ -20,7 +21,7 @@ def test_all_names_exist_and_report_the_public_module() -> None:
 
 def test_private_helpers_are_not_exported() -> None:
     public = {n for n in dir(trio_peers) if not n.startswith("_")}
-    assert public - set(trio_peers.__all__) <= {"testing"}
+    assert public - set(trio_peers.__all__) <= {"testing", "otel"}  # submodules, when imported
 
 
 @pytest.mark.parametrize(
@@ -34,7 +35,15 @@ def test_private_helpers_are_not_exported() -> None:
         trio_peers.PeerStatistics,
         trio_peers.LeaderScope,
         trio_peers.ElectionOutcome,
+        trio_peers.Fence,
         trio_peers.AsyncpgBackend,
+        trio_peers.ElectionRound,
+        trio_peers.LeadershipGained,
+        trio_peers.LeadershipLost,
+        trio_peers.Fault,
+        trio_peers.NotificationReceived,
+        trio_peers.LeaseReleased,
+        trio_peers.otel.PeerMetrics,
         trio_peers.testing.MemoryBackend,
         trio_peers.testing.PostgresServer,
     ],

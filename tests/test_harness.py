@@ -441,12 +441,21 @@ def test_startup_failure_reports_log(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         "_SERVER_SETTINGS",
         (*_postgres._SERVER_SETTINGS, ("no_such_setting_xyz", "1")),
     )
-    before = set(Path(tempfile.gettempdir()).glob("trio-peers-pg-*"))
-    with pytest.raises(PostgresServerError, match="no_such_setting_xyz") as info:
-        PostgresServer.start()
-    assert "Server log" in str(info.value)
-    after = set(Path(tempfile.gettempdir()).glob("trio-peers-pg-*"))
-    assert after <= before
+    # A temporary directory of this test's own: other test runs on the machine may create
+    # and remove server directories in the shared one meanwhile. The per-process template
+    # must exist before (it is cached, and must not end up in the directory removed below).
+    user = _postgres._server_user()
+    _postgres._template(_postgres._usable_bindir(find_postgres_bindir(), user), user)
+    own = Path(tempfile.mkdtemp(prefix="startup-failure-"))
+    own.chmod(0o755)  # the server user must be able to traverse it
+    monkeypatch.setattr(tempfile, "tempdir", str(own))
+    try:
+        with pytest.raises(PostgresServerError, match="no_such_setting_xyz") as info:
+            PostgresServer.start()
+        assert "Server log" in str(info.value)
+        assert list(own.glob("trio-peers-pg-*")) == []
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 @postgres

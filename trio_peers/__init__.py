@@ -17,14 +17,26 @@ from ._backend import (
 from ._cell import LeadershipChange as LeadershipChange, LeadershipChannel as LeadershipChannel
 from ._config import PeerConfig as PeerConfig
 from ._core import ElectionOutcome as ElectionOutcome
+from ._events import (
+    ElectionRound as ElectionRound,
+    EventHook as EventHook,
+    Fault as Fault,
+    LeadershipGained as LeadershipGained,
+    LeadershipLost as LeadershipLost,
+    LeaseReleased as LeaseReleased,
+    NotificationReceived as NotificationReceived,
+    PeerEvent as PeerEvent,
+)
 from ._exceptions import (
     BackendMisconfigured as BackendMisconfigured,
     BackendUnavailable as BackendUnavailable,
     PeerError as PeerError,
     SchemaError as SchemaError,
     TableMissing as TableMissing,
+    TenureLost as TenureLost,
     TrioPeersInternalError as TrioPeersInternalError,
 )
+from ._fence import Fence as Fence
 from ._peer import (
     LeaderScope as LeaderScope,
     Peer as Peer,
@@ -41,17 +53,27 @@ __all__ = [
     "BackendMisconfigured",
     "BackendUnavailable",
     "ElectionOutcome",
+    "ElectionRound",
+    "EventHook",
+    "Fault",
+    "Fence",
     "LeaderInfo",
     "LeaderScope",
     "LeadershipChange",
     "LeadershipChannel",
+    "LeadershipGained",
+    "LeadershipLost",
+    "LeaseReleased",
+    "NotificationReceived",
     "Peer",
     "PeerBackend",
     "PeerConfig",
     "PeerError",
+    "PeerEvent",
     "PeerStatistics",
     "SchemaError",
     "TableMissing",
+    "TenureLost",
     "TrioPeersInternalError",
     "__version__",
     "current_term",

@@ -1,7 +1,7 @@
-"""``python -m trio_peers``: the ``trio-peers`` command line."""
+"""``python -m trio_peers``: the ``trio-peers`` command line (:mod:`trio_peers._cli`)."""
 
 import sys
 
-from ._cli import main
+from ._cli._main import main
 
 sys.exit(main())

@@ -35,7 +35,14 @@ from ._backend import BackendConnection, BackendConnector, LeaderInfo
 from ._config import PeerConfig, check_identifier
 from ._core import ElectionOutcome, down_payload
 from ._dsn import HostPort, MultiHostDSN, parse_multihost
-from ._exceptions import BackendMisconfigured, BackendUnavailable, SchemaError, TableMissing
+from ._exceptions import (
+    BackendMisconfigured,
+    BackendUnavailable,
+    SchemaError,
+    TableMissing,
+    TenureLost,
+)
+from ._fence import Fence
 from ._position import POSITION_QUERY, ServerPosition
 from ._sql import MIGRATE_LOCK_KEY, Statements, shape_problems
 from ._util import raise_single
@@ -105,12 +112,32 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
         if connecting:  # asyncpg rejects a malformed DSN with ValueError
             raise BackendMisconfigured(f"invalid DSN: {exc}") from exc
         raise
+    except asyncio.CancelledError as exc:
+        # Trio's own cancellation arrives as trio.Cancelled; an asyncio.CancelledError
+        # (a BaseException) means the driver cancelled one of its own futures. It must
+        # not escape as if the peer were being cancelled: the round failed.
+        raise BackendUnavailable(f"asyncio task cancelled inside the driver: {exc!r}") from exc
 
 
 def _log_asyncio_error(loop: object, context: Mapping[str, object]) -> None:
-    """asyncio-flavoured loop exception handler: log, never re-raise (pitfall P9)."""
+    """asyncio-flavoured loop exception handler: log, never re-raise (pitfall P9).
+
+    An error of a dead connection on a future nobody awaits is expected: asyncpg
+    orphans its cancel request when a timed-out connection is terminated (P9), and
+    the peer learns of the connection's fate from its own statements. That is
+    logged at DEBUG. Anything else is a real problem somewhere, logged at ERROR
+    with its traceback.
+    """
     exc = context.get("exception")
-    log.debug("ignored asyncio error: %s", context.get("message"), exc_info=exc)  # type: ignore[arg-type]
+    message = context.get("message")
+    if isinstance(exc, _UNAVAILABLE):
+        log.debug("ignored asyncio error of a dead connection: %s", message, exc_info=exc)
+        return
+    log.error(
+        "trio-peers: unexpected error in the asyncio loop: %s",
+        message,
+        exc_info=exc if isinstance(exc, BaseException) else None,
+    )
 
 
 @asynccontextmanager
@@ -295,8 +322,11 @@ async def _aio_connect_host(
     return conn
 
 
-async def _aio_check_table(conn: Connection, sql: Statements, limit: float) -> None:
-    """asyncio-flavoured: raise TableMissing / SchemaError unless the table fits."""
+async def _aio_check_table(conn: Connection, sql: Statements, limit: float) -> bool:
+    """asyncio-flavoured: raise TableMissing / SchemaError unless the table fits.
+
+    Returns True if the table is UNLOGGED.
+    """
     row = await conn.fetchrow(sql.table_shape, sql.regclass, timeout=limit)
     if row is None or not row["present"]:
         raise TableMissing(
@@ -311,6 +341,19 @@ async def _aio_check_table(conn: Connection, sql: Statements, limit: float) -> N
             + "; ".join(problems)
             + ". Drop it and run trio_peers.migrate(), or choose another table."
         )
+    unlogged: bool = row["unlogged"]
+    return unlogged
+
+
+def unlogged_warning(sql: Statements) -> str:
+    """What a peer logs (once) about an UNLOGGED lease table: the guarantee lost and the fix."""
+    return (
+        f"the lease table {sql.prefix}.{sql.table} is UNLOGGED: PostgreSQL empties it after "
+        "a crash and a failover, so fencing terms can start again from 1 and a new leader "
+        "can be elected while the old one still trusts its lease (the term and single-leader "
+        f"guarantees do not hold across a crash). Make it logged: ALTER TABLE {sql.qualified} "
+        "SET LOGGED"
+    )
 
 
 @final
@@ -319,6 +362,7 @@ class _Prepared:
     conn: Connection
     elect: PreparedStatement | None
     release: PreparedStatement | None
+    unlogged: bool
 
 
 async def _aio_open_peer_connection(
@@ -337,7 +381,7 @@ async def _aio_open_peer_connection(
     conn = await _aio_connect(config.dsn, config.connect_timeout, statement_cache=config.listen)
     try:
         timeout = config.connect_timeout
-        await _aio_check_table(conn, sql, timeout)
+        unlogged = await _aio_check_table(conn, sql, timeout)
         elect = release = None
         if config.listen:
             elect = await conn.prepare(sql.elect, timeout=timeout)
@@ -347,7 +391,7 @@ async def _aio_open_peer_connection(
     except BaseException:
         conn.terminate()
         raise
-    return _Prepared(conn, elect, release)
+    return _Prepared(conn, elect, release, unlogged)
 
 
 async def _aio_migrate(conn: Connection, sql: Statements, unlogged: bool) -> bool:
@@ -411,6 +455,7 @@ class AsyncpgConnection:
             holder_node=row["holder_node"],
             holder_term=row["holder_term"],
             holder_remaining=row["holder_remaining"],
+            busy=row["busy"],
         )
 
     async def release(
@@ -467,6 +512,7 @@ class AsyncpgConnector:
         self._config = config
         self._loop = loop
         self._sql = Statements(config.prefix, config.table)
+        self._unlogged_warned = False
 
     async def connect(
         self,
@@ -491,6 +537,9 @@ class AsyncpgConnector:
             prepared = await _aio(_aio_open_peer_connection, self._loop)(
                 self._config, self._sql, on_notify, on_terminate
             )
+        if prepared.unlogged and not self._unlogged_warned:
+            self._unlogged_warned = True  # once per peer
+            log.warning("trio-peers %s: %s", self._config.name, unlogged_warning(self._sql))
         return AsyncpgConnection(prepared, self._config, self._sql, self._loop)
 
 
@@ -509,6 +558,46 @@ class AsyncpgBackend:
 
     def open(self, config: PeerConfig) -> AbstractAsyncContextManager[BackendConnector]:
         return self._open(config)
+
+
+@asynccontextmanager
+async def fenced_transaction(
+    conn: Connection, fence: Fence, *, cleanup_timeout: float
+) -> AsyncIterator[Fence]:
+    """Trio-flavoured: a transaction on the caller's asyncpg connection, opened with ``fence``.
+
+    The connection belongs to the caller's own trio-asyncio loop (the current one). Each step
+    is one ``aio_as_trio`` hop; ROLLBACK runs shielded under ``cleanup_timeout`` (a cancelled
+    Trio-side transaction would otherwise never send it, DRIVER P2), falling back to
+    ``terminate()``.
+    """
+    await _aio(conn.execute)("BEGIN")
+    try:
+        try:
+            row = await _aio(conn.fetchrow)(fence.sql, *fence.args)
+        except (
+            asyncpg.exceptions.SerializationError,
+            asyncpg.exceptions.LockNotAvailableError,
+        ) as exc:
+            raise TenureLost(
+                f"term {fence.term} of {fence.name!r} could not be fenced: {exc}"
+            ) from exc
+        if row is None:
+            raise TenureLost(
+                f"term {fence.term} of {fence.name!r} no longer holds the lease "
+                f"(another tenure began, or the lease expired); rolled back"
+            )
+        yield fence
+    except BaseException:
+        with trio.move_on_after(cleanup_timeout, shield=True) as scope:
+            try:
+                await _aio(conn.execute)("ROLLBACK")
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                conn.terminate()
+        if scope.cancelled_caught:
+            conn.terminate()
+        raise
+    await _aio(conn.execute)("COMMIT")
 
 
 @asynccontextmanager
@@ -585,16 +674,17 @@ async def fetch_position(dsn: str, *, connect_timeout: float = 10.0) -> ServerPo
 
 async def fetch_status(
     dsn: str, *, prefix: str = "public", table: str = "trio_peers", connect_timeout: float = 10.0
-) -> list[Mapping[str, object]]:
-    """Trio-flavoured: every row of a lease table with database-clock ``remaining`` seconds."""
+) -> tuple[list[Mapping[str, object]], bool]:
+    """Trio-flavoured: every row of a lease table with database-clock ``remaining`` seconds,
+    and whether the table is UNLOGGED."""
     check_identifier("prefix", prefix)
     check_identifier("table", table)
     sql = Statements(prefix, table)
     async with connect_once(dsn, connect_timeout=connect_timeout) as conn:
         with _mapped():
-            await _aio(_aio_check_table)(conn, sql, connect_timeout)
+            unlogged: bool = await _aio(_aio_check_table)(conn, sql, connect_timeout)
             rows: list[Record] = await _aio(conn.fetch)(sql.status, timeout=connect_timeout)
-    return [dict(r.items()) for r in rows]
+    return [dict(r.items()) for r in rows], unlogged
 
 
 @asynccontextmanager

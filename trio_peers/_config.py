@@ -16,6 +16,12 @@ MAX_IDENTIFIER_BYTES: Final = 63
 #: Longest ``name`` / ``node`` accepted. NOTIFY payloads carry the name and are
 #: limited to 8000 bytes, and index entries should stay small.
 MAX_NAME_BYTES: Final = 512
+#: Smallest ``max_clock_drift`` accepted. Crystal oscillators drift by up to about 1e-4
+#: (100 ppm), NTP slews clocks by up to 5e-4 (500 ppm), and a VM's clock can do worse; a
+#: smaller margin than this protects against nothing real.
+MIN_CLOCK_DRIFT: Final = 0.001
+#: Largest ``max_clock_drift`` accepted.
+MAX_CLOCK_DRIFT: Final = 0.25
 
 _IDENT_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -136,10 +142,12 @@ def _validate_boost(_inst: object, _attr: object, value: object) -> None:
 def _validate_drift(_inst: object, _attr: object, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"max_clock_drift must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or not 0 <= value <= 0.25:
+    if not math.isfinite(value) or not MIN_CLOCK_DRIFT <= value <= MAX_CLOCK_DRIFT:
         raise ValueError(
-            f"max_clock_drift={value!r} must be between 0 and 0.25 "
-            "(a relative clock-rate difference, e.g. 0.01 for 1%)"
+            f"max_clock_drift={value!r} must be between {MIN_CLOCK_DRIFT} and "
+            f"{MAX_CLOCK_DRIFT} (a relative clock-rate difference, e.g. 0.01 for 1%): "
+            f"real clocks drift (NTP alone slews them by up to 0.0005), so a smaller "
+            f"value would leave no safety margin; use at least {MIN_CLOCK_DRIFT}"
         )
 
 
@@ -192,7 +200,8 @@ class PeerConfig:
     """Largest relative rate difference tolerated between this process's
     monotonic clock and the database server's clock (0.01 = 1%). The leader stops
     trusting its lease ``interval * max_clock_drift`` seconds before it could
-    expire in the database; see :doc:`/timing`."""
+    expire in the database; see :doc:`/timing`. At least 0.001: smaller values
+    would leave no margin for real clocks (NTP alone slews by up to 0.05%)."""
 
     connect_timeout: float = attrs.field(default=10.0, validator=_validate_positive)
     """Seconds allowed to open a database connection."""

@@ -74,6 +74,9 @@ class ElectionOutcome:
     """If denied: the term of that lease."""
     holder_remaining: float | None = None
     """If denied: seconds until that lease expires, per the database."""
+    busy: bool = False
+    """Not won, and nothing done: the statement could have taken or renewed the lease,
+    but another transaction held the row locked (it does not wait for such a lock)."""
 
 
 class Change(enum.Enum):
@@ -93,6 +96,10 @@ class Change(enum.Enum):
     """The round failed; trust (if any) ended."""
     REPLACED = "replaced"
     """Held a tenure and took a new one with a higher term in the same round."""
+    BUSY = "busy"
+    """The lease row was locked by another transaction; nothing changed. A held tenure
+    keeps its trust deadline: no extension, and no cut (nobody else can take the row
+    while it is locked, and the lease granted earlier still stands)."""
 
 
 @final
@@ -137,10 +144,13 @@ class ElectionCore:
         self.next_round_at: float = -math.inf
         self.round_started_at: float | None = None
         self.failures = 0
+        self.busy_rounds = 0
         self.closed = False
         self._wake_pending = False
         self._hold_until = -math.inf
         self._resigned_term = 0
+        self._resign_requested = False
+        self._pending_release: int | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -185,18 +195,24 @@ class ElectionCore:
 
     def round_succeeded(self, now: float, outcome: ElectionOutcome) -> Change:
         """The statement of the current round returned ``outcome`` at ``now``."""
-        start = self._finish_round(now)
-        wake = self._take_wake()
         if outcome.term is not None and (
             outcome.lease_remaining is None or outcome.lease_remaining <= 0
         ):
             raise CoreError("a won round must report a positive lease_remaining")
+        if outcome.term is not None and outcome.busy:
+            raise CoreError("a busy round cannot have won")
+        start = self._finish_round(now)
+        wake = self._take_wake()
         was_trusted = self.tenure is not None and start < self.tenure.trusted_until
         before = self.tenure
         self.failures = 0
+        if outcome.busy:
+            return self._round_busy(now)
+        self.busy_rounds = 0
         if outcome.term is None:
             self.tenure = None
             self.next_round_at = now if wake else self._follower_next(start, now, outcome)
+            self._resign_requested = False  # nothing left to give up
             return Change.LOST if before is not None else Change.DENIED
         assert outcome.lease_remaining is not None
         trusted_until = start + outcome.lease_remaining - self.trust_margin
@@ -205,10 +221,26 @@ class ElectionCore:
         delay = min(jitter(self.interval / self.leader_boost, self._rng), cap)
         self.next_round_at = start + max(delay, 0.0)
         if before is None:
-            return Change.GAINED
-        if before.term != outcome.term:
-            return Change.REPLACED
-        return Change.RENEWED if was_trusted else Change.RESUMED
+            change = Change.GAINED
+        elif before.term != outcome.term:
+            change = Change.REPLACED
+        else:
+            change = Change.RENEWED if was_trusted else Change.RESUMED
+        self._complete_requested_resign(now)
+        return change
+
+    def _round_busy(self, now: float) -> Change:
+        # Retry with the backoff of failed rounds (a lock may be held for long: a fenced
+        # transaction), but a leader retries in time to renew before its trust ends.
+        self.busy_rounds += 1
+        retry = now + self.backoff(self.busy_rounds)
+        if self.tenure is not None:
+            last_chance = self.tenure.trusted_until - self.statement_timeout
+            if now < last_chance:
+                retry = min(retry, last_chance)
+        self.next_round_at = retry
+        self._complete_requested_resign(now)
+        return Change.BUSY
 
     def round_failed(self, now: float, *, retry_after: float | None = None) -> Change:
         """The statement of the current round failed (error or timeout) at ``now``.
@@ -223,6 +255,7 @@ class ElectionCore:
         self.failures += 1
         delay = self.backoff(self.failures) if retry_after is None else retry_after
         self.next_round_at = now + delay
+        self._complete_requested_resign(now)
         return Change.FAILED
 
     def connection_lost(self, now: float) -> bool:
@@ -242,22 +275,46 @@ class ElectionCore:
     def resign(self, now: float) -> int | None:
         """Give up the tenure now; bid again only after every follower had its turn.
 
-        The resigned peer holds its bids for :attr:`resign_hold` seconds, longer
-        than any follower's next poll even with drifting clocks, and ignores
-        ``down`` notifications meanwhile (a stale one could otherwise make it
-        bid at once and win its lease back). So another live peer takes over,
-        with or without notifications. Returns the term to release in the
-        database, if any. Not during a round.
+        Trust ends at once. The resigned peer holds its bids for :attr:`resign_hold`
+        seconds, longer than any follower's next poll even with drifting clocks,
+        and ignores ``down`` notifications of its own or older terms meanwhile (a
+        stale one could otherwise make it bid at once and win its lease back). So
+        another live peer takes over, with or without notifications.
+
+        Returns the term to release in the database, if any; it is also kept for
+        :meth:`take_release`. During a round the resign completes when the round
+        ends (whatever it reports, the tenure it held or won is given up), and the
+        term is then available from :meth:`take_release`; this returns ``None``.
         """
+        if self.closed:
+            return None
         if self.round_started_at is not None:
-            raise CoreError("cannot resign during a round")
+            self._distrust()
+            self._resign_requested = True
+            return None
         term = self.held_term
         self.tenure = None
         if term is not None:
             self.next_round_at = now + self.resign_hold
             self._hold_until = self.next_round_at
             self._resigned_term = term
+            self._pending_release = term
         return term
+
+    def _complete_requested_resign(self, now: float) -> None:
+        if self._resign_requested:
+            self._resign_requested = False
+            self.resign(now)
+
+    def take_release(self) -> int | None:
+        """The term a resign gave up and that has not been released yet; clears it."""
+        term, self._pending_release = self._pending_release, None
+        return term
+
+    @property
+    def resigning(self) -> bool:
+        """A resign was requested during the round in progress and completes when it ends."""
+        return self._resign_requested
 
     @property
     def resign_hold(self) -> float:
@@ -282,6 +339,7 @@ class ElectionCore:
         """The round was abandoned (the peer is closing). Trust ends, as on failure."""
         self._finish_round(now)
         self._distrust()
+        self._complete_requested_resign(now)
 
     def notified_down(self, now: float, term: int | None = None) -> bool:
         """Another peer released tenure ``term`` of this name. Returns True to run a round now.
@@ -314,9 +372,13 @@ class ElectionCore:
             self.next_round_at = min(self.next_round_at, now)
 
     def close(self) -> int | None:
-        """The peer stops. Returns the term to release in the database, if any."""
+        """The peer stops. Returns the term to release in the database, if any.
+
+        That is the tenure it holds, or one it resigned and has not released yet.
+        """
         self.closed = True
-        term = self.held_term
+        term = self._pending_release if self._pending_release is not None else self.held_term
+        self._pending_release = None
         self.tenure = None
         return term
 

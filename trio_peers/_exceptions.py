@@ -37,5 +37,17 @@ class TableMissing(SchemaError):
     """The lease table does not exist yet; run :func:`trio_peers.migrate`."""
 
 
+class TenureLost(PeerError):
+    """A fenced write was refused: the tenure it was fenced with no longer holds the lease.
+
+    Raised by :meth:`Peer.fence <trio_peers.Peer.fence>` when the peer does not lead, and by
+    :meth:`Peer.fenced_transaction <trio_peers.Peer.fenced_transaction>` when the fence finds
+    another tenure, an expired lease, or cannot be checked (e.g. a serialization failure in a
+    REPEATABLE READ or SERIALIZABLE transaction). The transaction was rolled back.
+
+    .. versionadded:: 0.1
+    """
+
+
 class TrioPeersInternalError(Exception):
     """A bug in trio-peers. Please report it, with the traceback."""

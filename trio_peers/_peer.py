@@ -19,9 +19,10 @@ import contextvars
 import logging
 import math
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Final, Literal, TypeVarTuple, Unpack, final
+from typing import TYPE_CHECKING, Final, Literal, TypeVarTuple, Unpack, final
 
 import attrs
 import trio
@@ -36,8 +37,14 @@ from ._exceptions import (
     PeerError,
     SchemaError,
     TableMissing,
+    TenureLost,
 )
+from ._fence import Fence, make_fence
+from ._sql import Statements
 from ._util import NoPublicConstructor, raise_single
+
+if TYPE_CHECKING:
+    import asyncpg
 
 log: Final = logging.getLogger("trio_peers")
 
@@ -49,6 +56,10 @@ _NOTIFY_BUFFER: Final = 256
 _CLOSE_AFTER_RELEASE: Final = 0.005
 #: Extra seconds the Trio-side guard adds to a statement's own timeout.
 _GUARD_SLACK: Final = 0.5
+#: get_leader() runs its statement only with at least this much time before the next round.
+_GET_LEADER_MIN_ROOM: Final = 0.002
+#: An unexpected error (a bug somewhere) is logged with its traceback at most this often.
+_UNEXPECTED_LOG_PERIOD: Final = 60.0
 
 _current_term: contextvars.ContextVar[int] = contextvars.ContextVar("trio_peers_current_term")
 
@@ -98,6 +109,9 @@ class PeerStatistics:
     """Rounds started (each one statement)."""
     elections_failed: int
     """Rounds that failed (error, timeout, lost connection)."""
+    elections_busy: int
+    """Rounds that found the lease row locked by another transaction and changed
+    nothing (a leader keeps its trust deadline meanwhile; see :doc:`/protocol`)."""
     tenures_gained: int
     """Times this peer took a new tenure."""
     notifications_received: int
@@ -116,11 +130,49 @@ class PeerStatistics:
 class _Counters:
     elections_run: int = 0
     elections_failed: int = 0
+    elections_busy: int = 0
     tenures_gained: int = 0
     notifications_received: int = 0
     notifications_ignored: int = 0
     connects: int = 0
     last_error: str | None = None
+
+
+@final
+@attrs.define(eq=False)
+class _Resignation:
+    """One resign() call: its release runs in the peer's nursery, whoever waits for it."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    released: bool = False
+
+
+@final
+class _ErrorLog:
+    """Logs unexpected errors at ERROR with a traceback: the first one, then at most one per
+    period (counting the ones suppressed), so a bug costs leadership, not the log."""
+
+    def __init__(self, period: float) -> None:
+        self._period = period
+        self._next_at = -math.inf
+        self._suppressed = 0
+
+    def report(self, peer: str, where: str, exc: BaseException) -> None:
+        now = time.monotonic()  # paces the log only; decides nothing
+        if now < self._next_at:
+            self._suppressed += 1
+            log.debug("trio-peers %s: unexpected error in %s again", peer, where, exc_info=exc)
+            return
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next_at = now + self._period
+        log.error(
+            "trio-peers %s: unexpected error in %s (%d more since the last report); stepping "
+            "down and retrying. Please report this as a bug.",
+            peer,
+            where,
+            suppressed,
+            exc_info=exc,
+        )
 
 
 @final
@@ -163,6 +215,7 @@ class Peer(metaclass=NoPublicConstructor):
             max_clock_drift=config.max_clock_drift,
         )
         self._cell = LeadershipCell(config.name, config.node, now)
+        self._statements = Statements(config.prefix, config.table)
         self._sender = secrets.token_hex(8)
         self._connector: BackendConnector | None = None
         self._conn: BackendConnection | None = None
@@ -184,6 +237,8 @@ class Peer(metaclass=NoPublicConstructor):
         self._stop_started = False
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
+        self._round_finished = trio.Event()
+        self._unexpected = _ErrorLog(_UNEXPECTED_LOG_PERIOD)
 
     # ------------------------------------------------------------------ public API
 
@@ -223,12 +278,16 @@ class Peer(metaclass=NoPublicConstructor):
         Raises:
           trio.ClosedResourceError: if the peer closes first.
         """
+        return await self._wait_tenure(other_than=None)
+
+    async def _wait_tenure(self, *, other_than: int | None) -> int:
+        """Wait until this peer trusts a tenure whose term is not ``other_than``."""
         await trio.lowlevel.checkpoint()
         while True:
             if self._closing:
                 raise trio.ClosedResourceError("the peer closed")
             term = self.term
-            if term is not None:
+            if term is not None and term != other_than:
                 return term
             await self._cell.wait_newer(self._cell.value.version)
 
@@ -248,49 +307,126 @@ class Peer(metaclass=NoPublicConstructor):
         """
         return self._cell.open_channel()
 
-    def request_election(self) -> None:
-        """Run an election round soon, as a NOTIFY would. Sync; never blocks."""
+    def request_election(self) -> bool:
+        """Run an election round soon, as a NOTIFY would. Sync; never blocks.
+
+        Returns True if a round will run soon, False if the request was ignored: the
+        peer leads already, is closing, or resigned less than a ``resign_hold`` ago
+        (a resigned peer lets every follower bid first, so it ignores requests
+        meanwhile, as it ignores stale notifications).
+        """
         if not self._closing and self._core.notified_down(trio.current_time()):
             self._resched.set()
+            return True
+        return False
 
     async def get_leader(self) -> LeaderInfo | None:
         """Who leads this peer's name now, per the database, or ``None``.
 
-        Uses this peer's connection (waiting for an in-flight round to finish).
-        Bounded by ``statement_timeout`` (plus the wait for that round).
+        Uses this peer's connection, between its election rounds: a renewal never
+        waits behind it (a statement that would still run when the next round is
+        due is cut short and tried again after that round). Bounded by
+        ``statement_timeout`` in all, including any wait for a round in flight or
+        for a connection. A failure of this query leaves the peer's connection and
+        leadership alone.
 
         Raises:
           BackendUnavailable: the database cannot be reached, or did not answer in time.
           trio.ClosedResourceError: the peer is closed.
         """
         await trio.lowlevel.checkpoint()
-        if self._closing:
-            raise trio.ClosedResourceError("the peer is closed")
         limit = self._config.effective_statement_timeout
-        with trio.move_on_after(limit + _GUARD_SLACK) as scope:
-            async with self._conn_lock:
-                conn = await self._ensure_connection()
-                try:
-                    return await conn.get_leader(statement_timeout=limit)
-                except BackendUnavailable:
-                    self._drop_connection()
-                    raise
-        assert scope.cancelled_caught
-        raise BackendUnavailable("get_leader timed out")
+        deadline = trio.current_time() + limit
+        with trio.move_on_at(deadline):
+            while True:
+                if self._closing:
+                    raise trio.ClosedResourceError("the peer is closed")
+                finished = self._round_finished
+                async with self._conn_lock:
+                    if self._closing:
+                        raise trio.ClosedResourceError("the peer is closed")
+                    # The room before the next round, taken before any connect wait.
+                    room_ends = min(deadline, self._core.next_round_at)
+                    if room_ends - trio.current_time() >= _GET_LEADER_MIN_ROOM:
+                        conn = await self._ensure_connection()
+                        with trio.move_on_at(room_ends):
+                            try:
+                                return await conn.get_leader(
+                                    statement_timeout=deadline - trio.current_time()
+                                )
+                            except TimeoutError as exc:
+                                raise BackendUnavailable("get_leader timed out") from exc
+                # A round is due: let it run, then try again.
+                self._resched.set()
+                await finished.wait()
+        raise BackendUnavailable(f"get_leader did not finish within {limit:g}s")
 
     async def resign(self) -> bool:
         """Give up leadership now, if leading, so another peer can take over.
 
-        This peer becomes follower at once (its leader-only work is cancelled
-        and awaited), then it releases the lease and sends NOTIFY. It bids again
-        only after slightly more than one ``interval`` (every follower's next round
-        comes first, so another live peer takes over even without notifications).
-        Returns True if a lease was released.
+        This peer becomes follower at once and its leader-only work is cancelled;
+        once that work has finished, the peer releases the lease and sends NOTIFY.
+        It bids again only after slightly more than one ``interval`` (every
+        follower's next round comes first, so another live peer takes over even
+        without notifications). Returns True if a lease was released.
+
+        The release runs in the peer's own task: if the caller's deadline expires
+        first, :exc:`trio.Cancelled` reaches the caller and the release still
+        completes (bounded by ``cleanup_timeout``).
+
+        Called from inside leader-only work (:meth:`run_while_leader` work or a
+        :meth:`leader_scope` block), it cancels that very work, so it does not
+        return: it raises the work's :exc:`trio.Cancelled`, which the work's scope
+        absorbs at its end, and the lease is released the moment that scope exits.
         """
         await trio.lowlevel.checkpoint()
         if self._closing:
             return False
-        return await self._resign_now()
+        resignation = self._begin_resign()
+        if resignation is None:
+            return False
+        await resignation.done.wait()
+        return resignation.released
+
+    def fence(self) -> Fence:
+        """The fencing statement of the current tenure. Sync; builds text, no I/O.
+
+        Run it inside the transaction of a leader-only write, on any connection to the lease
+        table's database (see :class:`~trio_peers.Fence`): while that transaction is open no
+        other tenure can begin, and a fence of an ended tenure returns no row. The writer's
+        role needs ``SELECT`` and ``UPDATE`` on the lease table (row locks need ``UPDATE``).
+
+        Raises:
+          TenureLost: this peer does not lead now.
+        """
+        term = self.term
+        if term is None:
+            raise TenureLost(f"{self.node} does not lead {self.name!r}: nothing to fence")
+        return make_fence(self._statements, name=self.name, node=self.node, term=term)
+
+    def fenced_transaction(
+        self, conn: asyncpg.Connection, *, fence: Fence | None = None
+    ) -> AbstractAsyncContextManager[Fence]:
+        """A transaction on your asyncpg connection whose writes commit only within this tenure.
+
+        ``async with peer.fenced_transaction(conn) as fence:`` begins a transaction on
+        ``conn`` (an asyncpg connection of your own trio-asyncio loop), runs :meth:`fence`
+        (or the ``fence`` given), and raises :exc:`~trio_peers.TenureLost` after rolling
+        back if another tenure began. The block's statements then run in that transaction;
+        it commits when the block ends, and rolls back if the block raises or is cancelled
+        (shielded, bounded by ``cleanup_timeout``). Keep it short compared with
+        ``interval / leader_boost``: while it is open, this leader cannot renew either.
+
+        Raises:
+          TenureLost: this peer does not lead, or the fence found another tenure.
+        """
+        from ._asyncpg import fenced_transaction
+
+        return fenced_transaction(
+            conn,
+            fence if fence is not None else self.fence(),
+            cleanup_timeout=self._config.cleanup_timeout,
+        )
 
     def statistics(self) -> PeerStatistics:
         """A frozen snapshot of this peer's state and counters. Sync."""
@@ -306,6 +442,7 @@ class Peer(metaclass=NoPublicConstructor):
             connected=self._conn is not None,
             elections_run=c.elections_run,
             elections_failed=c.elections_failed,
+            elections_busy=c.elections_busy,
             tenures_gained=c.tenures_gained,
             notifications_received=c.notifications_received,
             notifications_ignored=c.notifications_ignored,
@@ -328,7 +465,8 @@ class Peer(metaclass=NoPublicConstructor):
         so a process paused past it is cancelled before its work takes another
         step. The cancellation is absorbed at the end of the block; check
         ``scope.lost``. The peer waits for the block to finish (up to
-        ``cleanup_timeout``) before it releases the lease.
+        ``cleanup_timeout``) before it releases the lease. The block may call
+        :meth:`resign`: that cancels the block, and the release follows its end.
 
         Raises:
           trio.ClosedResourceError: if the peer closes before it leads.
@@ -386,22 +524,28 @@ class Peer(metaclass=NoPublicConstructor):
 
         Returns ``None`` when the peer closes; raises if the caller is cancelled.
         """
+        finished: int | None = None  # the term in which the work returned
         while True:
             try:
-                term = await self.wait_leader()
+                # Work that returned is not restarted in the same tenure, even when the
+                # peer resumes that tenure after a connection blip: only a newer term.
+                term = await self._wait_tenure(other_than=finished)
             except trio.ClosedResourceError:
                 await trio.lowlevel.checkpoint()
                 return
-            failed: Exception | None = None
-            with self._tenure_scope(term, _fn_name(async_fn)):
-                try:
+            returned = False
+            try:
+                with self._tenure_scope(term, _fn_name(async_fn)):
                     await async_fn(*args)
-                except Exception as exc:
-                    failed = exc
-                else:
-                    # Finished early: hold the slot until the tenure ends.
-                    await self._wait_tenure_end(term)
-            if failed is None:
+                    returned = True
+            except Exception as exc:
+                # Outside the tenure scope, which has absorbed its own Cancelled: what
+                # is left is the work's failure, also when it failed while being
+                # cancelled (e.g. a child task raising in its cleanup; then a group).
+                failed: Exception = exc
+            else:
+                if returned:
+                    finished = term
                 continue
             log.error(
                 "trio-peers %s: leader-only work %s failed (term %d); resigning",
@@ -410,29 +554,36 @@ class Peer(metaclass=NoPublicConstructor):
                 term,
                 exc_info=failed,
             )
-            await self._resign_now()
+            await self.resign()
             if on_error == "raise":
                 raise failed
 
     # ------------------------------------------------------------------ internals
 
-    async def _wait_tenure_end(self, term: int) -> None:
-        await trio.lowlevel.checkpoint()
-        while self.term == term and not self._closing:
-            await self._cell.wait_newer(self._cell.value.version)
+    def _begin_resign(self) -> _Resignation | None:
+        """The sync half of :meth:`resign`: end trust, cancel leader-only work, and start
+        the release in the peer's nursery. ``None`` if there is nothing to give up."""
+        term = self._core.resign(trio.current_time())
+        if term is None and not self._core.resigning:
+            return None
+        self._publish()  # cancels leader-only work (the caller's own, if it is some)
+        self._resched.set()  # the loop re-reads its schedule: the resign hold
+        resignation = _Resignation()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._release_resigned, resignation)
+        return resignation
 
-    async def _resign_now(self) -> bool:
-        with trio.move_on_after(2 * self._config.cleanup_timeout, shield=True):
-            async with self._conn_lock:
-                if self._closing:
-                    return False
-                term = self._core.resign(trio.current_time())
-                self._publish()  # cancels leader-only work
-                self._resched.set()
-                if not await self._await_leader_work() or term is None:
-                    return False
-                return await self._release(term)
-        return False
+    async def _release_resigned(self, resignation: _Resignation) -> None:
+        """After a resign: wait for leader-only work to end, then release what was given up."""
+        try:
+            if not await self._await_leader_work():
+                return  # work ignores cancellation: no release while it runs (logged)
+            async with self._conn_lock:  # after a round in flight (it completes the resign)
+                term = self._core.take_release()
+                if term is not None and not self._closing:
+                    resignation.released = await self._release(term)
+        finally:
+            resignation.done.set()
 
     async def _await_leader_work(self) -> bool:
         """Wait for cancelled leader-only work. False if it overran ``cleanup_timeout``."""
@@ -604,14 +755,23 @@ class Peer(metaclass=NoPublicConstructor):
             finished = True
             self._round_failed(exc)
             self._drop_connection()
+        except Exception as exc:
+            # A bug (ours, the driver's, the backend's): it costs this round and the
+            # connection, never the application. Cancellation is not an Exception.
+            finished = True
+            self._round_failed(exc)
+            self._drop_connection()
+            self._unexpected.report(f"{self.name} ({self.node})", "an election round", exc)
         else:
             finished = True
             change = self._core.round_succeeded(trio.current_time(), outcome)
             self._round_done(change)
         finally:
-            if not finished:  # cancelled, or a bug
+            if not finished:  # cancelled
                 self._core.abort_round(trio.current_time())
                 self._publish()
+            self._round_finished.set()
+            self._round_finished = trio.Event()
 
     def _round_failed(self, exc: BaseException, *, retry_after: float | None = None) -> None:
         self._counters.elections_failed += 1
@@ -631,6 +791,16 @@ class Peer(metaclass=NoPublicConstructor):
             log.info("trio-peers %s: lease table found", self.name)
         if change in (Change.GAINED, Change.REPLACED):
             self._counters.tenures_gained += 1
+        if change is Change.BUSY:
+            self._counters.elections_busy += 1
+            if self._core.busy_rounds == 1:  # once per streak, not per retry
+                log.warning(
+                    "trio-peers %s (%s): the lease row is locked by another transaction "
+                    "(a fenced write, or someone else); not waiting for it, retrying%s",
+                    self.name,
+                    self.node,
+                    "; leading until the current trust deadline" if self.is_leader else "",
+                )
         self._publish()
 
     # ------------------------------------------------------------------ tasks
@@ -872,11 +1042,16 @@ async def open_peer(
 
         backend = AsyncpgBackend()
     peer = Peer._create(config)
+    # What the body raises is kept out of the nursery (which would wrap it in a group,
+    # and split a group the body raised) and re-raised as itself afterwards.
+    body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(peer._serve, backend)
             try:
                 yield peer
+            except BaseException as exc:
+                body_error = exc
             finally:
                 with trio.move_on_after(_shutdown_bound(config) + 1.0, shield=True):
                     if not peer._served.is_set():
@@ -887,4 +1062,9 @@ async def open_peer(
                     await peer._served.wait()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
+        if body_error is not None:
+            # The body's own exception, as raised; the peer's failure is its __context__.
+            raise body_error  # noqa: B904
         raise_single(group)
+    if body_error is not None:
+        raise body_error

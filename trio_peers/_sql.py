@@ -47,25 +47,51 @@ class Statements:
     @property
     def elect(self) -> str:
         # $1 name, $2 node, $3 lease length (interval), $4 held term or NULL.
+        # docs/protocol.rst describes this statement; keep the two in step.
         #
         # One statement, so one round trip and one transaction. now() is the
         # statement's start: expiry and the expired check use the database
-        # clock only. The UPSERT's WHERE admits exactly two cases:
+        # clock only.
+        #
+        # `cur` reads the row from the statement's snapshot, without a lock. If it
+        # shows an unexpired lease of another tenure, the INSERT gets no row to
+        # insert, so a denied bid locks nothing and writes nothing: no transaction
+        # id, no WAL, no commit to flush. Otherwise (no row, an expired row, or
+        # our own tenure $4) the UPSERT runs, and its WHERE re-checks the newest
+        # row version under the row lock, admitting exactly two cases:
         #   * the lease is absent or expired: take it with term + 1;
         #   * this node holds exactly tenure $4 and it has not expired: renew it.
         # A renewal can therefore never touch another node's lease, nor another
-        # tenure of the same node value (oban#1488, oban-py#32).
-        # The outer SELECT reads the table as it was before the UPSERT, to report
-        # the current holder when the bid is denied. It also makes this
-        # statement's commit synchronous (transaction-local, so it works behind
-        # poolers and on servers that default to asynchronous commit): a new
-        # term must be durable before anyone acts on it, or a crash could hand
-        # the same term out twice.
+        # tenure of the same node value (oban#1488, oban-py#32). A snapshot that
+        # saw an expired lease which another peer took meanwhile locks the row
+        # and changes nothing (the only denied bid that writes: a lost race).
+        #
+        # The final SELECT reports the holder of a denied bid from the snapshot.
+        # It also makes this statement's commit synchronous (transaction-local, so
+        # it works behind poolers and on servers that default to asynchronous
+        # commit): a new term must be durable before anyone acts on it, or a
+        # crash could hand the same term out twice.
         t = self.qualified
         return f"""
-WITH attempt AS (
+WITH cur AS (
+    SELECT node, term, expires_at FROM {t} WHERE name = $1
+),
+may AS (
+    SELECT NOT EXISTS (
+        SELECT FROM cur
+        WHERE cur.expires_at > now()
+          AND NOT (cur.node = $2 AND cur.term IS NOT DISTINCT FROM $4::bigint)
+    ) AS write
+),
+locked AS (
+    SELECT name FROM {t} WHERE name = $1 AND (SELECT write FROM may)
+    FOR UPDATE SKIP LOCKED
+),
+attempt AS (
     INSERT INTO {t} AS p (name, node, term, started_at, expires_at)
-    VALUES ($1, $2, 1, now(), now() + $3::interval)
+    SELECT $1, $2, 1, now(), now() + $3::interval
+    WHERE (SELECT write FROM may)
+      AND (EXISTS (SELECT FROM locked) OR NOT EXISTS (SELECT FROM cur))
     ON CONFLICT (name) DO UPDATE SET
         node = EXCLUDED.node,
         term = CASE WHEN p.expires_at <= now() THEN p.term + 1 ELSE p.term END,
@@ -76,12 +102,78 @@ WITH attempt AS (
 )
 SELECT a.term AS won_term,
        EXTRACT(EPOCH FROM a.expires_at - now())::float8 AS won_remaining,
+       (a.term IS NULL AND (SELECT write FROM may) AND EXISTS (SELECT FROM cur)
+        AND NOT EXISTS (SELECT FROM locked)) AS busy,
        h.node AS holder_node,
        h.term AS holder_term,
        EXTRACT(EPOCH FROM h.expires_at - now())::float8 AS holder_remaining
 FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 LEFT JOIN attempt AS a ON true
-LEFT JOIN {t} AS h ON a.term IS NULL AND h.name = $1 AND h.expires_at > now()
+LEFT JOIN cur AS h ON a.term IS NULL AND h.expires_at > now()
+"""
+
+    @property
+    def elect_many(self) -> str:
+        # Many names in one statement: the batched form of `elect`, for sessions that run
+        # the rounds of many names at once (docs/protocol.rst, "Batched elections").
+        # $1 names, $2 nodes, $3 lease lengths in seconds, $4 held terms (NULL: none), as
+        # arrays of one length; the names must be distinct (PostgreSQL refuses to update
+        # one row twice in one ON CONFLICT).
+        #
+        # Per name, the same rules as `elect`: a snapshot read first; a pure read (no lock,
+        # nothing written) when it shows a live lease of another tenure. The rows it may
+        # write are locked in name order with SKIP LOCKED, so a batch never waits for a
+        # row that another transaction holds (another session's batch, a fenced write):
+        # such a name is reported busy and left alone, and two batches cannot deadlock.
+        # An absent row is inserted; a concurrent insert of the same name makes this
+        # statement wait for that one (another election: a few milliseconds).
+        t = self.qualified
+        return f"""
+WITH req AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[])
+        AS r(name, node, lease, held)
+),
+cur AS (
+    SELECT t.name, t.node, t.term, t.expires_at FROM {t} AS t JOIN req USING (name)
+),
+want AS (
+    SELECT r.* FROM req AS r LEFT JOIN cur AS c USING (name)
+    WHERE c.name IS NULL OR c.expires_at <= now() OR (c.node = r.node AND c.term = r.held)
+),
+locked AS (
+    SELECT t.name FROM {t} AS t JOIN want USING (name)
+    ORDER BY t.name FOR UPDATE OF t SKIP LOCKED
+),
+attempt AS (
+    INSERT INTO {t} AS p (name, node, term, started_at, expires_at)
+    SELECT w.name, w.node, 1, now(), now() + make_interval(secs => w.lease)
+    FROM want AS w
+    WHERE w.name IN (SELECT name FROM locked) OR w.name NOT IN (SELECT name FROM cur)
+    ORDER BY w.name
+    ON CONFLICT (name) DO UPDATE SET
+        node = EXCLUDED.node,
+        term = CASE WHEN p.expires_at <= now() THEN p.term + 1 ELSE p.term END,
+        started_at = CASE WHEN p.expires_at <= now() THEN now() ELSE p.started_at END,
+        expires_at = EXCLUDED.expires_at
+    WHERE p.expires_at <= now()
+       OR (p.node = EXCLUDED.node AND p.term = (SELECT r.held FROM req AS r WHERE r.name = p.name))
+    RETURNING p.name, p.term, p.expires_at
+)
+SELECT r.name,
+       a.term AS won_term,
+       EXTRACT(EPOCH FROM a.expires_at - now())::float8 AS won_remaining,
+       (a.name IS NULL
+        AND r.name IN (SELECT name FROM want)
+        AND r.name IN (SELECT name FROM cur)
+        AND r.name NOT IN (SELECT name FROM locked)) AS busy,
+       c.node AS holder_node,
+       c.term AS holder_term,
+       EXTRACT(EPOCH FROM c.expires_at - now())::float8 AS holder_remaining
+FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
+CROSS JOIN req AS r
+LEFT JOIN attempt AS a ON a.name = r.name
+LEFT JOIN cur AS c ON a.name IS NULL AND c.name = r.name AND c.expires_at > now()
+ORDER BY r.name
 """
 
     @property
@@ -104,6 +196,20 @@ FROM released, (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 """
 
     @property
+    def fence(self) -> str:
+        # $1 name, $2 node, $3 term. Run by the application inside its own transaction
+        # (docs/protocol.rst, "Fences"). clock_timestamp(): the statement's own time, not
+        # the transaction's start (a fence may run late in a long transaction). FOR SHARE
+        # holds the row against every election that would write it (they lock it FOR
+        # UPDATE, SKIP LOCKED: busy) until the transaction ends. The placeholders appear
+        # once each and in order, so they can be rewritten for other drivers.
+        return (
+            f"SELECT term FROM {self.qualified} "
+            "WHERE name = $1 AND node = $2 AND term = $3 AND expires_at > clock_timestamp() "
+            "FOR SHARE"
+        )
+
+    @property
     def get_leader(self) -> str:
         return (
             f"SELECT name, node, term, started_at, expires_at FROM {self.qualified} "
@@ -121,9 +227,12 @@ FROM released, (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 
     @property
     def table_shape(self) -> str:
-        # $1: the regclass text. Returns exists, columns (name:type) and primary key columns.
+        # $1: the regclass text. Returns exists, columns (name:type), primary key columns,
+        # and whether the table is UNLOGGED.
         return """
 SELECT c.oid IS NOT NULL AS present,
+       coalesce((SELECT r.relpersistence = 'u' FROM pg_class AS r WHERE r.oid = c.oid), false)
+           AS unlogged,
        (SELECT coalesce(array_agg(a.attname::text || ':' || format_type(a.atttypid, a.atttypmod)), '{}')
           FROM pg_attribute AS a
          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,

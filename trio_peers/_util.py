@@ -38,6 +38,8 @@ def unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
     A single non-Cancelled exception is returned as itself; all-Cancelled
     returns one Cancelled; a KeyboardInterrupt wins; anything else stays the group.
+    Only for groups made by our own nurseries: an exception group raised by a
+    user's ``async with`` body is never passed here (it comes out as raised).
     """
     leaves: list[BaseException] = []
 

@@ -58,6 +58,9 @@ class MemoryBackend:
     * :meth:`kill_connections`: drop every open connection (as a server restart does).
     * :attr:`statement_delay`: seconds each statement takes before it runs.
     * :meth:`drop_table` / :meth:`create_table`: a missing table.
+    * :meth:`lock_row` / :meth:`unlock_row`: another transaction holds a lease row locked
+      (as a long fenced write would); elections that would write it report it busy
+      (releases are not held up by it).
 
     .. versionadded:: 0.1
     """
@@ -80,6 +83,8 @@ class MemoryBackend:
         """Seconds each statement waits (on Trio's clock) before it runs."""
         self.statements = 0
         """How many statements ran (elect, release, get_leader)."""
+        self.locked_rows: set[tuple[str, str, str]] = set()
+        """``(prefix, table, name)`` of rows held locked by "another transaction"."""
         # Insertion-ordered (a dict used as a set), so NOTIFY delivery order and
         # everything that follows from it replay exactly under a seeded test.
         self._connections: dict[_MemoryConnection, None] = {}
@@ -95,6 +100,18 @@ class MemoryBackend:
         self.tables.discard((prefix, table))
         for key in [k for k in self.rows if k[:2] == (prefix, table)]:
             del self.rows[key]
+
+    def lock_row(
+        self, name: str = "default", *, prefix: str = "public", table: str = "trio_peers"
+    ) -> None:
+        """Hold a lease row locked, as another transaction would (``SELECT ... FOR UPDATE``)."""
+        self.locked_rows.add((prefix, table, name))
+
+    def unlock_row(
+        self, name: str = "default", *, prefix: str = "public", table: str = "trio_peers"
+    ) -> None:
+        """End :meth:`lock_row`."""
+        self.locked_rows.discard((prefix, table, name))
 
     def kill_connections(self) -> None:
         """Drop every open connection; their peers see the connection lost."""
@@ -150,6 +167,17 @@ class MemoryBackend:
         if row is None:
             self.rows[key] = MemoryRow(node, 1, now, now + config.interval)
             return ElectionOutcome(term=1, lease_remaining=config.interval)
+        may_write = row.expires_at <= now or (row.node == node and row.term == held_term)
+        if may_write and key in self.locked_rows:
+            # The statement would write this row, but another transaction holds it.
+            live = row.expires_at > now
+            return ElectionOutcome(
+                term=None,
+                holder_node=row.node if live else None,
+                holder_term=row.term if live else None,
+                holder_remaining=row.expires_at - now if live else None,
+                busy=True,
+            )
         if row.expires_at <= now:
             self.rows[key] = MemoryRow(node, row.term + 1, now, now + config.interval)
             return ElectionOutcome(term=row.term + 1, lease_remaining=config.interval)

@@ -1,4 +1,4 @@
-"""One peer process of ``trio-peers demo``: ``python -m trio_peers._demo_peer``.
+"""One peer process of ``trio-peers demo``: ``python -m trio_peers._cli._demo_peer``.
 
 It joins the election with :func:`trio_peers.open_peer` and reports on stdout,
 one JSON object per line:
@@ -34,10 +34,10 @@ from typing import Final
 
 import trio
 
-from ._cell import LeadershipChannel
-from ._config import PeerConfig
-from ._exceptions import PeerError
-from ._peer import open_peer
+from .._cell import LeadershipChannel
+from .._config import PeerConfig
+from .._exceptions import PeerError
+from .._peer import open_peer
 
 EXIT_CANNOT_RUN: Final = 4
 
@@ -137,7 +137,7 @@ async def run_peer(config: PeerConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of a demo peer process."""
-    parser = argparse.ArgumentParser(prog="python -m trio_peers._demo_peer")
+    parser = argparse.ArgumentParser(prog="python -m trio_peers._cli._demo_peer")
     parser.add_argument("--name", required=True)
     parser.add_argument("--interval", type=float, required=True)
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """``trio-peers demo``: leadership moving between real processes, measured.
 
 The demo starts a throwaway PostgreSQL (unless given ``--dsn``), creates the
-lease table, and runs ``--peers`` peer processes (:mod:`trio_peers._demo_peer`),
+lease table, and runs ``--peers`` peer processes (:mod:`trio_peers._cli._demo_peer`),
 each a separate Python process using :func:`trio_peers.open_peer`, the way
 applications deploy it. Each peer reports its leadership changes as JSON lines
 with timestamps from the system-wide monotonic clock.
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Final, Literal
 import attrs
 import trio
 
-from ._cli import (
+from ._common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_MISCONFIGURED,
@@ -55,7 +55,7 @@ from ._cli import (
 )
 
 if TYPE_CHECKING:
-    from .testing import PostgresServer
+    from ..testing import PostgresServer
 
 Kind = Literal["graceful", "crash"]
 
@@ -287,7 +287,7 @@ def _peer_env(dsn: str) -> dict[str, str]:
     env["TRIO_PEERS_DSN"] = dsn
     # From a source checkout (python -m trio_peers without installing), let the
     # children import this same trio_peers.
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     if not any(part in root for part in ("site-packages", "dist-packages")):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
@@ -412,7 +412,7 @@ class Demo:
         cmd = [
             sys.executable,
             "-m",
-            "trio_peers._demo_peer",
+            "trio_peers._cli._demo_peer",
             "--name",
             self.name,
             "--interval",
@@ -579,8 +579,8 @@ class Demo:
     # ------------------------------------------------------------------ database
 
     async def start_server(self) -> PostgresServer:
-        from .testing import PostgresNotFound
-        from .testing._postgres import PostgresServer, PostgresServerError
+        from ..testing import PostgresNotFound
+        from ..testing._postgres import PostgresServer, PostgresServerError
 
         self.say("starting a throwaway PostgreSQL server")
         try:
@@ -616,7 +616,7 @@ class Demo:
                 self.say("PostgreSQL stopped; its temporary directory is removed")
 
     async def migrate_and_run(self, dsn: str) -> None:
-        from ._asyncpg import migrate
+        from .._asyncpg import migrate
 
         created = await migrate(dsn)
         self.say(
@@ -675,6 +675,6 @@ class Demo:
 
 
 def run_demo(options: DemoOptions) -> int:
-    """Run the demo; return the exit status (see :mod:`trio_peers._cli`)."""
+    """Run the demo; return the exit status (see :mod:`trio_peers._cli._common`)."""
     demo = Demo(options)
     return run_trio(demo.main)

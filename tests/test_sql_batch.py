@@ -1,0 +1,90 @@
+"""The batched election statement (``Statements.elect_many``) on a real PostgreSQL.
+
+Sessions (many names per process) will run the rounds of many names in one statement; this
+checks the statement's per-name rules before the shell uses it: the same outcomes as the
+single-name statement, denied bids that write nothing, and a name whose row another
+transaction holds reported busy without stalling the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+import trio
+
+from trio_peers import migrate
+from trio_peers._sql import Statements
+
+from ._pgutil import SQL, open_sql
+
+pytestmark = pytest.mark.postgres
+
+STATEMENTS = Statements("public", "trio_peers")
+NAMES = [f"name-{i:03d}" for i in range(20)]
+
+
+async def elect(
+    sql: SQL, names: list[str], node: str, held: list[int | None], lease: float = 60.0
+) -> dict[str, Any]:
+    rows = await sql.fetch(
+        STATEMENTS.elect_many, names, [node] * len(names), [lease] * len(names), held
+    )
+    return {r["name"]: r for r in rows}
+
+
+async def next_xid(sql: SQL) -> int:
+    xid: int = await sql.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+    return xid
+
+
+async def test_batch_takes_renews_and_denies_per_name(pg_dsn: str) -> None:
+    await migrate(pg_dsn)
+    async with open_sql(pg_dsn) as a, open_sql(pg_dsn) as b, open_sql(pg_dsn) as probe:
+        won = await elect(a, NAMES, "a", [None] * len(NAMES))
+        assert [won[n]["won_term"] for n in NAMES] == [1] * len(NAMES)
+        renewed = await elect(a, NAMES, "a", [1] * len(NAMES))
+        assert all(renewed[n]["won_term"] == 1 for n in NAMES)
+        # Wrong held terms and another node: denied, told the holder.
+        x0 = await next_xid(probe)
+        for held in ([None] * len(NAMES), [2] * len(NAMES)):
+            denied = await elect(b, NAMES, "b", held)
+            assert all(denied[n]["won_term"] is None and not denied[n]["busy"] for n in NAMES)
+            assert {(denied[n]["holder_node"], denied[n]["holder_term"]) for n in NAMES} == {
+                ("a", 1)
+            }
+        denied = await elect(a, NAMES, "a", [None] * len(NAMES))  # same node value, no term
+        assert all(denied[n]["won_term"] is None for n in NAMES)
+        assert await next_xid(probe) == x0, "denied batches must write nothing"
+        # Expired leases are taken with term + 1, live ones are left alone, in one batch.
+        await probe.execute(
+            "UPDATE trio_peers SET expires_at = now() - interval '1 s' WHERE name = ANY($1)",
+            NAMES[:5],
+        )
+        mixed = await elect(b, NAMES, "b", [None] * len(NAMES))
+        assert [mixed[n]["won_term"] for n in NAMES[:5]] == [2] * 5
+        assert all(mixed[n]["won_term"] is None for n in NAMES[5:])
+
+
+async def test_a_locked_row_is_busy_and_does_not_stall_the_batch(pg_dsn: str) -> None:
+    await migrate(pg_dsn)
+    async with open_sql(pg_dsn) as a, open_sql(pg_dsn) as locker:
+        await elect(a, NAMES, "a", [None] * len(NAMES))
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT 1 FROM trio_peers WHERE name = $1 FOR UPDATE", NAMES[3])
+        with trio.fail_after(5):  # the lock is held for as long as the test likes
+            renewed = await elect(a, NAMES, "a", [1] * len(NAMES))
+        assert renewed[NAMES[3]]["busy"] and renewed[NAMES[3]]["won_term"] is None
+        others = [n for n in NAMES if n != NAMES[3]]
+        assert all(renewed[n]["won_term"] == 1 and not renewed[n]["busy"] for n in others)
+        await locker.execute("ROLLBACK")
+        again = await elect(a, NAMES, "a", [1] * len(NAMES))
+        assert not again[NAMES[3]]["busy"] and again[NAMES[3]]["won_term"] == 1
+
+
+async def test_a_name_twice_in_one_batch_is_refused(pg_dsn: str) -> None:
+    await migrate(pg_dsn)
+    async with open_sql(pg_dsn) as a:
+        with pytest.raises(asyncpg.exceptions.CardinalityViolationError):
+            await elect(a, ["x", "x"], "a", [None, None])
