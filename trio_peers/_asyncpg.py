@@ -24,7 +24,7 @@ import datetime
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Final, TypeVar, final
+from typing import TYPE_CHECKING, Final, TypeVar, cast, final
 
 import asyncpg
 import attrs
@@ -34,6 +34,7 @@ import trio_asyncio
 from ._backend import BackendConnection, BackendConnector, LeaderInfo
 from ._config import PeerConfig, check_identifier
 from ._core import ElectionOutcome, down_payload
+from ._dsn import HostPort, MultiHostDSN, parse_multihost
 from ._exceptions import (
     BackendMisconfigured,
     BackendUnavailable,
@@ -42,11 +43,13 @@ from ._exceptions import (
     TenureLost,
 )
 from ._fence import Fence
+from ._position import POSITION_QUERY, ServerPosition
 from ._sql import MIGRATE_LOCK_KEY, Statements, shape_problems
 from ._util import raise_single
 
 if TYPE_CHECKING:
     from asyncpg import Connection, Record
+    from asyncpg.connect_utils import SessionAttribute
     from asyncpg.prepared_stmt import PreparedStatement
 
 log: Final = logging.getLogger("trio_peers")
@@ -175,8 +178,153 @@ async def _aio_connect(
     ``statement_cache``, asyncpg uses unnamed statements only, which survive
     a transaction-mode pooler switching server connections between statements.
     """
+    multihost = parse_multihost(dsn)  # ValueError: a malformed list of hosts
+    if multihost is not None:
+        return await _aio_connect_multihost(
+            multihost, connect_timeout, statement_cache=statement_cache
+        )
     conn: Connection = await asyncpg.connect(
         dsn,
+        timeout=connect_timeout,
+        statement_cache_size=100 if statement_cache else 0,
+        server_settings={"application_name": _APPLICATION_NAME},
+    )
+    return conn
+
+
+async def _aio_fetch_position(conn: Connection, limit: float) -> ServerPosition:
+    """asyncio-flavoured: read the server's :class:`ServerPosition` (one round trip)."""
+    row: Record | None = await conn.fetchrow(POSITION_QUERY, timeout=limit)
+    if row is None:  # pragma: no cover - the SELECT always returns one row
+        raise BackendUnavailable("the position query returned no row")
+    return ServerPosition.from_row(dict(row.items()))
+
+
+async def _aio_probe(
+    target: MultiHostDSN, host: HostPort, connect_timeout: float, statement_cache: bool
+) -> tuple[Connection, ServerPosition]:
+    """asyncio-flavoured: connect to one host and read its position, within connect_timeout."""
+    async with asyncio.timeout(connect_timeout):
+        conn = await _aio_connect_host(target, host, connect_timeout, statement_cache)
+        try:
+            position = await _aio_fetch_position(conn, connect_timeout)
+        except BaseException:
+            conn.terminate()
+            raise
+    return conn, position
+
+
+def _discard(task: asyncio.Task[tuple[Connection, ServerPosition]]) -> None:
+    """Done callback of a probe nobody wants: close its connection, swallow its error."""
+    if task.cancelled():
+        return
+    if task.exception() is None:
+        task.result()[0].terminate()
+
+
+async def _aio_connect_multihost(
+    target: MultiHostDSN, connect_timeout: float, *, statement_cache: bool
+) -> Connection:
+    """asyncio-flavoured: connect to the first host of ``target`` that is of the kind wanted.
+
+    Every host is tried at once, each with ``connect_timeout`` of its own for connecting and
+    reading its :data:`POSITION_QUERY` (asyncpg's own multi-host connect tries them one
+    after the other within one shared timeout, so a host that never answers uses it all
+    up). The first host in the DSN's order that fits wins, as with libpq; so the whole
+    call takes at most ``connect_timeout``, and a host that does not answer delays the
+    hosts after it by at most that. ``prefer-standby`` falls back to the first host that
+    answered. Unchosen connections are terminated. When no host fits, the error names
+    every host and why: BackendMisconfigured if some host refused us for good
+    (authentication, missing database), else BackendUnavailable.
+    """
+    wanted = target.target_session_attrs
+    tasks = [
+        asyncio.ensure_future(_aio_probe(target, host, connect_timeout, statement_cache))
+        for host in target.hosts
+    ]
+    answered: list[str] = []  # hosts that answered but are not of the kind wanted
+    failed: list[str] = []  # hosts we could not connect to or read
+    permanent: BaseException | None = None
+    chosen: asyncio.Task[tuple[Connection, ServerPosition]] | None = None
+    fallback: asyncio.Task[tuple[Connection, ServerPosition]] | None = None
+    try:
+        for host, task in zip(target.hosts, tasks, strict=True):
+            try:
+                _conn, position = await asyncio.shield(task)
+            except _PERMANENT as exc:
+                permanent = permanent or exc
+                failed.append(f"{host}: {type(exc).__name__}: {exc}")
+                continue
+            except TimeoutError:
+                failed.append(f"{host}: no answer within {connect_timeout} s")
+                continue
+            except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+                failed.append(f"{host}: {type(exc).__name__}: {exc}")
+                continue
+            if position.matches(wanted):
+                chosen = task
+                break
+            if wanted == "prefer-standby" and fallback is None:
+                fallback = task
+                continue
+            answered.append(f"{host}: {position.read_only_reason or 'it is a writable primary'}")
+        chosen = chosen or fallback
+    finally:
+        for task in tasks:
+            if task is not chosen:
+                task.add_done_callback(_discard)
+                task.cancel()
+    # Let the cancelled probes close their sockets now (asyncpg does so at once), rather
+    # than at some later turn of a loop that may be about to close.
+    pending = [task for task in tasks if not task.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=1.0)
+    if chosen is not None:
+        # asyncio-flavoured: a DSN with two or more hosts awaited a probe above.
+        return chosen.result()[0]  # noqa: ASYNC910
+    raise _no_host_error(wanted, answered, failed, permanent)
+
+
+def _no_host_error(
+    wanted: str, answered: list[str], failed: list[str], permanent: BaseException | None
+) -> Exception:
+    """The error for a multi-host connect that found no host of the kind wanted."""
+    writable = wanted in {"read-write", "primary"}
+    if answered and writable:
+        head = f"every host in the DSN that answered is read-only (target_session_attrs={wanted})"
+    elif answered:
+        head = f"no host in the DSN is of the kind wanted (target_session_attrs={wanted})"
+    else:
+        head = f"no host in the DSN answered (target_session_attrs={wanted})"
+    message = f"{head}: {'; '.join(answered or failed)}"
+    if answered and failed:
+        message += f"; the others: {'; '.join(failed)}"
+    if writable and answered and permanent is None:
+        message += "; a failover may be under way"
+    error: Exception
+    if permanent is not None:
+        error = BackendMisconfigured(message)
+        error.__cause__ = permanent
+    else:
+        error = BackendUnavailable(message)
+    return error
+
+
+async def _aio_connect_host(
+    target: MultiHostDSN, host: HostPort, connect_timeout: float, statement_cache: bool
+) -> Connection:
+    """asyncio-flavoured: connect to one host of a multi-host DSN, with its own timeout.
+
+    Everything but the host list comes from the DSN (user, password, database, TLS,
+    ...); the explicit host and port win over it, and ``target_session_attrs="any"``
+    leaves the choice to the caller.
+    """
+    conn: Connection = await asyncpg.connect(
+        target.dsn,
+        host=host.host,
+        port=host.port,
+        # asyncpg takes the plain string; its stubs name the enum it converts it to.
+        target_session_attrs=cast("SessionAttribute", "any"),
         timeout=connect_timeout,
         statement_cache_size=100 if statement_cache else 0,
         server_settings={"application_name": _APPLICATION_NAME},
@@ -342,6 +490,11 @@ class AsyncpgConnection:
                 self._sql.get_leader, self._config.name, timeout=statement_timeout
             )
         return None if row is None else _leader_info(row)
+
+    async def position(self, *, statement_timeout: float) -> ServerPosition:
+        """The server's system, timeline and read-only state (see :mod:`._position`)."""
+        with _mapped():
+            return await _aio(_aio_fetch_position, self._loop)(self._conn, statement_timeout)
 
     async def aclose(self) -> None:
         with _mapped():
@@ -517,6 +670,16 @@ async def migrate(
         with _mapped():
             created: bool = await _aio(_aio_migrate)(conn, sql, unlogged)
     return created
+
+
+async def fetch_position(dsn: str, *, connect_timeout: float = 10.0) -> ServerPosition:
+    """Trio-flavoured: connect once and read the server's :class:`ServerPosition`.
+
+    A multi-host DSN reads the server it connects to (by default a writable one).
+    """
+    async with connect_once(dsn, connect_timeout=connect_timeout) as conn:
+        with _mapped():
+            return await _aio(_aio_fetch_position)(conn, connect_timeout)
 
 
 async def fetch_status(

@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, Self, TypeVar, final
@@ -84,6 +84,9 @@ _SERVER_SETTINGS: Final[Sequence[tuple[str, str]]] = (
     ("max_wal_senders", "0"),
     ("jit", "off"),
 )
+
+#: Settings a server of the replication harness needs instead (see ``_replication``).
+_Settings = Mapping[str, str | None]
 
 _STOP_SIGNALS: Final = {
     "smart": signal.SIGTERM,
@@ -348,6 +351,45 @@ def _server_env() -> dict[str, str]:
     return env
 
 
+def _initdb(bindir: Path, user: str | None, root: Path) -> None:
+    """Run ``initdb`` into ``root / "data"``: a new system, with its own system identifier."""
+    data = root / "data"
+    cmd = [
+        str(bindir / "initdb"),
+        *("-D", str(data)),
+        *("-A", "trust"),
+        *("-U", _SUPERUSER),
+        *("-E", "UTF8"),
+        "--no-locale",
+        "--no-sync",
+        # 1 MB WAL segments instead of 16 MB: every copy of the template is smaller.
+        "--wal-segsize=1",
+    ]
+    try:
+        proc = subprocess.run(  # noqa: S603 (the binaries we were told to use)
+            cmd,
+            user=user,
+            cwd=root,
+            env=_server_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise PostgresServerError(f"Could not run {cmd[0]}: {exc}") from exc
+    if proc.returncode != 0:
+        hint = ""
+        if user is not None:
+            hint = (
+                f"\n(initdb ran as the OS user {user!r}; it needs to reach {root}, so every "
+                "parent directory of the system temporary directory must be traversable.)"
+            )
+        raise PostgresServerError(
+            f"initdb failed with exit status {proc.returncode}:\n{proc.stdout}{proc.stderr}{hint}"
+        )
+
+
 def _template(bindir: Path, user: str | None) -> Path:
     """Return a freshly initdb'ed data directory for ``bindir`` (made once per process)."""
     key = (bindir, user)
@@ -357,42 +399,7 @@ def _template(bindir: Path, user: str | None) -> Path:
             return cached
         root = _make_private_dir("trio-peers-pgtemplate-", user)
         _registry.add_dir(root)
-        data = root / "data"
-        cmd = [
-            str(bindir / "initdb"),
-            *("-D", str(data)),
-            *("-A", "trust"),
-            *("-U", _SUPERUSER),
-            *("-E", "UTF8"),
-            "--no-locale",
-            "--no-sync",
-            # 1 MB WAL segments instead of 16 MB: every copy of the template is smaller.
-            "--wal-segsize=1",
-        ]
-        try:
-            proc = subprocess.run(  # noqa: S603 (the binaries we were told to use)
-                cmd,
-                user=user,
-                cwd=root,
-                env=_server_env(),
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise PostgresServerError(f"Could not run {cmd[0]}: {exc}") from exc
-        if proc.returncode != 0:
-            hint = ""
-            if user is not None:
-                hint = (
-                    f"\n(initdb ran as the OS user {user!r}; it needs to reach {root}, so every "
-                    "parent directory of the system temporary directory must be traversable.)"
-                )
-            raise PostgresServerError(
-                f"initdb failed with exit status {proc.returncode}:\n"
-                f"{proc.stdout}{proc.stderr}{hint}"
-            )
+        _initdb(bindir, user, root)
         _templates[key] = root
         return root
 
@@ -427,9 +434,28 @@ def ours(pid, path):
     except OSError:
         return False
 
+def thaw(pid):
+    # A frozen (SIGSTOPped) server handles no signal but SIGKILL: continue it and its
+    # children first, or they would stay behind, stopped.
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    for child in (*children, pid):
+        try:
+            os.kill(child, signal.SIGCONT)
+        except OSError:
+            pass
+
 def stop(pid, path):
     if not pid or not ours(pid, path):
         return
+    thaw(pid)
     for sig, wait in ((signal.SIGQUIT, 10.0), (signal.SIGKILL, 5.0)):
         try:
             os.kill(pid, sig)
@@ -702,6 +728,29 @@ class ExternalPostgres(_SQLAccess):
 # --------------------------------------------------------------------------- the server
 
 
+def _process_state(pid: int) -> str:
+    """The state letter of a process (``R``, ``S``, ``T`` for stopped, ...); ``Z`` if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def _children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a postmaster's children), from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[1] == str(pid):
+            children.append(int(entry))
+    return children
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
@@ -729,20 +778,40 @@ class PostgresServer(_SQLAccess):
     crash of the machine loses data, which is fine for tests and nothing else.
     """
 
-    def __init__(self, *, _bindir: Path, _user: str | None, _root: Path, _timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        _bindir: Path,
+        _user: str | None,
+        _root: Path,
+        _timeout: float,
+        _settings: _Settings | None = None,
+    ) -> None:
         # Private: use PostgresServer.start().
         self._bindir = _bindir
         self._user = _user
         self._root = _root
         self._timeout = _timeout
+        merged: dict[str, str | None] = dict(_SERVER_SETTINGS)
+        merged.update(_settings or {})
+        self._settings = {k: v for k, v in merged.items() if v is not None}
+        self._overrides: _Settings = dict(_settings or {})
         self._port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._closed = False
+        self._frozen = False
         self._lock = threading.RLock()
         self._version = int((_root / "data" / "PG_VERSION").read_text().split(".")[0])
 
     @classmethod
-    def start(cls, bindir: str | os.PathLike[str] | None = None, *, timeout: float = 60.0) -> Self:
+    def start(
+        cls,
+        bindir: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 60.0,
+        settings: _Settings | None = None,
+        own_system: bool = False,
+    ) -> Self:
         """Start a new server and return it once it accepts connections.
 
         Args:
@@ -750,6 +819,13 @@ class PostgresServer(_SQLAccess):
                 :func:`find_postgres_bindir` picks one.
             timeout: Seconds to wait for the server to come up (also used by
                 :meth:`start_again`).
+            settings: Server settings passed as ``-c name=value`` on top of (or instead of)
+                the harness's defaults (no durability, ``wal_level=minimal``, ...). A value of
+                None leaves that default off the command line, so ``postgresql.conf`` and
+                ``ALTER SYSTEM`` govern it (command-line settings win over both).
+            own_system: Run ``initdb`` for this server instead of copying the process's
+                template (slower). Copies of one template share their
+                ``pg_control_system().system_identifier``, like a primary and its standbys.
 
         Raises:
             PostgresNotFound: if no binaries were found.
@@ -758,13 +834,40 @@ class PostgresServer(_SQLAccess):
         found = find_postgres_bindir() if bindir is None else Path(bindir)
         user = _server_user()
         usable = _usable_bindir(found, user)
-        template = _template(usable, user)
+        template = None if own_system else _template(usable, user)
         root = _make_private_dir("trio-peers-pg-", user)
         _registry.watch(root, None)
         try:
-            shutil.copytree(template / "data", root / "data", symlinks=True)
-            _chown_tree(root, user)
-            server = cls(_bindir=usable, _user=user, _root=root, _timeout=timeout)
+            if template is None:
+                _initdb(usable, user, root)
+            else:
+                shutil.copytree(template / "data", root / "data", symlinks=True)
+                _chown_tree(root, user)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            _registry.forget(root)
+            raise
+        return cls._start_in(root, bindir=usable, user=user, timeout=timeout, settings=settings)
+
+    @classmethod
+    def _start_in(
+        cls,
+        root: Path,
+        *,
+        bindir: Path,
+        user: str | None,
+        timeout: float,
+        settings: _Settings | None,
+    ) -> Self:
+        """Start a server on the data directory ``root / "data"`` that somebody prepared.
+
+        ``root`` must come from ``_make_private_dir`` and be registered with the watchdog
+        already; from here on the server owns it (a failure closes the server, removing it).
+        """
+        try:
+            server = cls(
+                _bindir=bindir, _user=user, _root=root, _timeout=timeout, _settings=settings
+            )
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             _registry.forget(root)
@@ -832,6 +935,16 @@ class PostgresServer(_SQLAccess):
         return self._version
 
     @property
+    def settings(self) -> Mapping[str, str]:
+        """The settings given on the server's command line (they win over ``ALTER SYSTEM``)."""
+        return dict(self._settings)
+
+    @property
+    def is_frozen(self) -> bool:
+        """Whether :meth:`freeze` stopped the server's processes (and :meth:`thaw` has not)."""
+        return self._frozen
+
+    @property
     def pid(self) -> int | None:
         """The postmaster's process id, or None when the server is not running."""
         proc = self._process
@@ -867,7 +980,7 @@ class PostgresServer(_SQLAccess):
             *("-p", str(port)),
             *("-k", str(self._root)),
         ]
-        for name, value in _SERVER_SETTINGS:
+        for name, value in self._settings.items():
             cmd += ["-c", f"{name}={value}"]
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
@@ -918,10 +1031,15 @@ class PostgresServer(_SQLAccess):
         except (OSError, UnicodeDecodeError):
             return False
         # Line 1 is the postmaster's pid (a stale file may remain after an immediate stop);
-        # line 8 its status.
-        return len(lines) >= 8 and lines[0].strip() == str(pid) and lines[7].strip() == "ready"
+        # line 8 its status: "ready", or "standby" once a hot standby accepts connections.
+        return (
+            len(lines) >= 8
+            and lines[0].strip() == str(pid)
+            and lines[7].strip() in {"ready", "standby"}
+        )
 
     def _kill(self, proc: subprocess.Popen[bytes]) -> None:
+        self._thaw_processes(proc.pid)
         for sig, wait in ((signal.SIGQUIT, 10.0), (signal.SIGKILL, 10.0)):
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(sig)
@@ -957,6 +1075,7 @@ class PostgresServer(_SQLAccess):
             if proc is None:
                 return
             if proc.poll() is None:
+                self._thaw_processes(proc.pid)
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
                 try:
@@ -968,6 +1087,99 @@ class PostgresServer(_SQLAccess):
                     ) from None
             self._process = None
             _registry.watch(self._root, None)
+
+    def crash(self) -> None:
+        """Kill the server's processes with SIGKILL, frozen or not, as a power cut would.
+
+        Unlike :meth:`stop` (which thaws a frozen server first, so that its backends may run
+        what their clients sent meanwhile, and commit it), a crashed server runs nothing more.
+        :meth:`start_again` then runs crash recovery. Does nothing if it is not running.
+        """
+        with self._lock:
+            proc = self._process
+            if proc is None:
+                return
+            for process in (*_children_of(proc.pid), proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process, signal.SIGKILL)
+            for process in _children_of(proc.pid):  # forked before the postmaster died
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process, signal.SIGKILL)
+            proc.wait(self._timeout)
+            self._frozen = False
+            self._process = None
+            _registry.watch(self._root, None)
+        # Children orphaned by the postmaster's death are reparented; wait until they are gone
+        # (PostgreSQL refuses to start while a process of the old one holds shared memory).
+        data = str(self.data_dir)
+
+        def leftovers() -> list[int]:
+            found = []
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{entry}/cwd") == data:
+                            found.append(int(entry))
+            return found
+
+        deadline = time.monotonic() + self._timeout
+        while remaining := [p for p in leftovers() if _process_state(p) != "Z"]:
+            for process in remaining:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process, signal.SIGKILL)
+            if time.monotonic() > deadline:  # pragma: no cover
+                raise PostgresServerError(f"processes {remaining} of {self!r} survived SIGKILL")
+            time.sleep(0.005)
+
+    def freeze(self) -> None:
+        """Stop every process of the server with SIGSTOP, as if its machine hung.
+
+        Connections stay open and new ones are accepted by the kernel, but nothing answers:
+        clients notice only through their own timeouts. Undo with :meth:`thaw`; :meth:`stop`
+        and :meth:`close` thaw first. Idempotent.
+
+        Raises:
+            PostgresServerError: if the server is not running.
+        """
+        with self._lock:
+            pid = self.pid
+            if pid is None:
+                raise PostgresServerError("cannot freeze a server that is not running")
+            # The postmaster first, so that it forks no new child while the children are
+            # stopped; then its children, until no running one is left.
+            os.kill(pid, signal.SIGSTOP)
+            self._frozen = True
+            deadline = time.monotonic() + self._timeout
+            while True:
+                running = [
+                    child for child in _children_of(pid) if _process_state(child) not in "TZ"
+                ]
+                if not running and _process_state(pid) == "T":
+                    return
+                for child in running:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGSTOP)
+                if time.monotonic() > deadline:  # pragma: no cover
+                    raise PostgresServerError(
+                        f"could not stop all processes of the server {pid} within "
+                        f"{self._timeout} s"
+                    )
+                time.sleep(0.001)
+
+    def thaw(self) -> None:
+        """Let the processes stopped by :meth:`freeze` run again. Idempotent."""
+        with self._lock:
+            proc = self._process
+            if proc is not None:
+                self._thaw_processes(proc.pid)
+
+    def _thaw_processes(self, pid: int) -> None:
+        if not self._frozen:
+            return
+        for process in (*_children_of(pid), pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process, signal.SIGCONT)
+        self._frozen = False
 
     def start_again(self) -> None:
         """Start a stopped server again, on the same port and with the same data.
