@@ -64,8 +64,6 @@ PosArgsT = TypeVarTuple("PosArgsT")
 
 #: Most NOTIFY payloads buffered between the backend callback and the listener task.
 _NOTIFY_BUFFER: Final = 256
-#: Pause between a release and closing the connection on exit (see Peer._stop).
-_CLOSE_AFTER_RELEASE: Final = 0.005
 #: Extra seconds the Trio-side guard adds to a statement's own timeout.
 _GUARD_SLACK: Final = 0.5
 #: get_leader() runs its statement only with at least this much time before the next round.
@@ -1079,12 +1077,10 @@ class Peer(metaclass=NoPublicConstructor):
                 self._publish("closed")  # cancels leader-only work; channels see the loss
                 work_stopped = await self._await_leader_work()
                 if term is not None and work_stopped:
-                    if await self._release(term):
-                        # Closing makes the server end this backend, which costs CPU
-                        # on the database host just when the followers woken by the
-                        # NOTIFY run their election; on a small host that doubles
-                        # the handover. Let them go first (bounded; exit is shielded).
-                        await trio.sleep(_CLOSE_AFTER_RELEASE)
+                    # Close right after: a pause here (to let followers elect before this
+                    # backend exits) cost every exit 5 ms, for no handover gain measurable
+                    # on a loaded 2-core host (benchmarks/handover.py, docs/performance.rst).
+                    await self._release(term)
                 elif was_leader:
                     log.info("trio-peers %s: %s stopped", self.name, self.node)
                 await self._close_connection()
