@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -355,5 +356,29 @@ async def test_peer_connection_reads_its_position(pair: ReplicatedPair) -> None:
                 await conn.aclose()
         assert position.in_recovery
         assert position.timeline is None
+    finally:
+        await trio.to_thread.run_sync(pair.primary.drop_database, database)
+
+
+async def test_peer_on_a_single_host_standby_is_a_follower_that_names_it(
+    pair: ReplicatedPair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DSN of one host that is a hot standby: follower, one WARNING that says it is a
+    standby (in recovery), retries at a bounded rate."""
+    database = (await trio.to_thread.run_sync(pair.primary.create_database)).rpartition("/")[2]
+    try:
+        await migrate(multihost(pair.primary.port, database=database))
+        await trio.to_thread.run_sync(lambda: pair.wait_replayed())
+        dsn = multihost(pair.standby.port, database=database)
+        with caplog.at_level(logging.WARNING, logger="trio_peers"):
+            async with open_peer(peer_config(dsn, "ro")) as peer:
+                assert not peer.is_leader
+                await trio.sleep(2.0)  # interval 1 s: backoff up to interval / 2
+                stats = peer.statistics()
+                assert not peer.is_leader
+                assert "hot standby" in (stats.last_error or ""), stats.last_error
+                assert stats.connects <= 12, stats  # bounded: no reconnect loop
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and "hot standby" in warnings[0], warnings
     finally:
         await trio.to_thread.run_sync(pair.primary.drop_database, database)

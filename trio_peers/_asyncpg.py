@@ -105,10 +105,14 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
     except asyncpg.exceptions.InsufficientPrivilegeError as exc:
         raise BackendMisconfigured(f"permission denied: {exc}") from exc
     except asyncpg.exceptions.ReadOnlySQLTransactionError as exc:
-        # Retried (a standby may be promoted, a setting reverted), but say why.
+        # Retried (a standby may be promoted, a setting reverted), but say which it is.
+        if "recovery" in str(exc):
+            why = "the server is a hot standby (in recovery: pg_is_in_recovery() is true)"
+        else:
+            why = "default_transaction_read_only is on for this role or database"
         raise BackendUnavailable(
-            f"the database is read-only ({exc}): default_transaction_read_only is on, "
-            "or the DSN points at a standby; peers need a writable primary"
+            f"the database is read-only ({exc}): {why}, or the DSN points at a standby; "
+            "peers need a writable primary and follow until they find one"
         ) from exc
     except _UNAVAILABLE as exc:
         if isinstance(exc, TimeoutError):
