@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,9 +285,13 @@ def dist(session: nox.Session) -> None:
     if not isinstance(shown, str) or shown.split() != ["trio-peers", version]:
         session.error(f"trio-peers --version printed {shown!r}, not {version}")
     session.run(python, "-m", "trio_peers", "--help", external=True, silent=True)
-    # A throwaway PostgreSQL from the demo extra, two peers, a handover or two.
+    # A throwaway PostgreSQL from the demo extra, two peers, a handover or two. Its files go in
+    # the caller's TMPDIR, not nox's session tmp (inside the checkout, which the postgres user
+    # may not be able to enter; .ci/run's TMPDIR is made for it and checked for leftovers).
     session.run(
-        script, "demo", "--peers", "2", "--duration", "8", "--interval", "1", external=True
+        *(script, "demo", "--peers", "2", "--duration", "8", "--interval", "1"),
+        env={"TMPDIR": os.environ.get("TMPDIR") or tempfile.gettempdir()},
+        external=True,
     )
 
     # The sdist's own tests, on the installed wheel's dependencies (not PostgreSQL: the tests

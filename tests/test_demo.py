@@ -223,7 +223,10 @@ def test_demo_run(demo_env: tuple[dict[str, str], str, Path]) -> None:
 def test_demo_with_dsn(pg_dsn: str, demo_env: tuple[dict[str, str], str, Path]) -> None:
     env, _marker, _tmpdir = demo_env
     proc = subprocess.run(
-        [*DEMO, "--dsn", pg_dsn, "--peers", "2", "--duration", "3", "--interval", "0.5"],
+        # 8 s, not 3: the demo stops a leader only if a leader, a settle time (1 s here) and
+        # the handover fit before the end; with 3 s, on a loaded machine (CI shares its
+        # cores) slow peer start-up once left no time for one ("graceful >= 1" failed).
+        [*DEMO, "--dsn", pg_dsn, "--peers", "2", "--duration", "8", "--interval", "0.5"],
         capture_output=True,
         text=True,
         env=env,
