@@ -225,7 +225,16 @@ def _stop_server(server: subprocess.Popen[str]) -> None:
 
 # What the sdist must hold besides the package, so that its tests run from it: the test suite
 # and its data, the docs (their examples are tests), and the files they read.
-SDIST_NEEDS = ("pyproject.toml", "noxfile.py", "README.md", "CHANGELOG.md", "tests/", "docs/")
+SDIST_NEEDS = (
+    "pyproject.toml",
+    "noxfile.py",
+    "README.md",
+    "CHANGELOG.md",
+    "tests/",
+    "docs/",
+    "chaos/",  # tests/test_chaos_check.py checks the chaos checker
+    "benchmarks/",  # the benchmarks smoke test
+)
 
 
 def _git_files(*paths: str) -> list[str]:
