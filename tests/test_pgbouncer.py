@@ -19,10 +19,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 import trio
+import trio_asyncio
 
-from trio_peers import open_peer
+from trio_peers import TenureLost, open_peer
 from trio_peers.testing import PostgresServer
 from trio_peers.testing._postgres import _chown_tree, _server_user
 
@@ -130,3 +132,35 @@ async def test_transaction_mode_pooler_with_listen_false(
         stop_b.set()
     async with open_sql(dsn) as sql:
         assert (await sql.row())["live"] is False  # b released through the pooler
+
+
+async def test_fenced_writes_through_a_transaction_mode_pooler(
+    dsn: str, pg: PostgresServer, pgbouncer: int
+) -> None:
+    """A transaction stays on one server connection in transaction mode: the fence and the
+    writes it protects run together, and a stale fence is refused."""
+    pooled = dsn.replace(f":{pg.port}/", f":{pgbouncer}/")
+    async with open_sql(dsn) as sql, trio_asyncio.open_loop():
+        await sql.execute("CREATE TABLE writes (term bigint NOT NULL)")
+        # No named prepared statements: the pooler may switch server connections between
+        # transactions.
+        conn = await trio_asyncio.aio_as_trio(asyncpg.connect)(pooled, statement_cache_size=0)
+        try:
+            async with trio.open_nursery() as nursery:
+                a, stop_a = await nursery.start(run_peer, peer_config(pooled, "a", listen=False))
+                async with a.fenced_transaction(conn) as fence:
+                    await trio_asyncio.aio_as_trio(conn.execute)(
+                        "INSERT INTO writes VALUES ($1)", fence.term
+                    )
+                stale = a.fence()
+                b, stop_b = await nursery.start(run_peer, peer_config(pooled, "b", listen=False))
+                await a.resign()
+                with trio.fail_after(INTERVAL * 3):
+                    await b.wait_leader()
+                with pytest.raises(TenureLost):
+                    await a.fenced_transaction(conn, fence=stale).__aenter__()
+                stop_a.set()
+                stop_b.set()
+        finally:
+            conn.terminate()
+        assert await sql.fetch("SELECT term FROM writes") == [(stale.term,)]
