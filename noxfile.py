@@ -24,6 +24,8 @@ FLAKE8_ASYNC = "flake8-async==26.8.1"
 MYPY = "mypy==2.4.1"
 ASYNCPG_STUBS = "asyncpg-stubs==0.32.0"
 DOCS_DEPS = ("sphinx==9.0.4", "sphinxcontrib-trio==1.2.0", "furo==2025.12.19")
+MATPLOTLIB = "matplotlib==3.11.2"
+OBAN = "oban==0.7.0"
 
 # Checks ruff's ASYNC rules lack; they must be named one by one to be switched on.
 FLAKE8_ASYNC_CODES = "ASYNC100,ASYNC101,ASYNC102,ASYNC119,ASYNC900,ASYNC910,ASYNC911"
@@ -76,6 +78,42 @@ def thorough(session: nox.Session) -> None:
     session.install(".[test]")
     args = session.posargs or ["-m", "not postgres"]
     session.run("pytest", *args, env={"HYPOTHESIS_PROFILE": "thorough"})
+
+
+def _python312() -> str | None:
+    """A Python 3.12 interpreter: pyenv's (not its shim), else one on PATH."""
+    import shutil
+
+    pyenv = sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3"))
+    return str(pyenv[-1]) if pyenv else shutil.which("python3.12")
+
+
+def _venv(session: nox.Session, python: str, where: Path, *packages: str) -> str:
+    """A venv at ``where`` made by ``python``, with ``packages``; returns its interpreter."""
+    bin_python = where / "bin" / "python"
+    if not bin_python.exists():
+        session.run_install(python, "-m", "venv", str(where), external=True)
+    session.run_install(str(bin_python), "-m", "pip", "install", "-q", *packages, external=True)
+    return str(bin_python)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """trio-peers side by side with oban-py and the floor: ``nox -s bench [-- --full]``.
+
+    Writes benchmarks/results/<timestamp>/ (table, raw samples, plots). oban-py runs in a
+    venv of its own on Python 3.12, and so do the trio-peers peer processes (same
+    interpreter version for both libraries); without a Python 3.12 the peers run here.
+    """
+    session.install(".[test]", MATPLOTLIB)
+    args = list(session.posargs)
+    py312 = _python312()
+    if py312 is None:
+        session.error("the benchmark needs a Python 3.12 interpreter for oban-py (python3.12)")
+    venvs = ROOT / ".nox" / "bench-peers"
+    oban = _venv(session, py312, venvs / "oban", OBAN)
+    tp = _venv(session, py312, venvs / "trio-peers", ".")
+    session.run("python", "benchmarks/bench.py", "--oban-python", oban, "--tp-python", tp, *args)
 
 
 FIND_MACHINE_POSTGRES = """

@@ -1,0 +1,214 @@
+"""The results folder's table (Markdown) and plots (matplotlib), from one run's data."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+TP, OBAN = "trio-peers", "oban-py"
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 1000:.1f} ms"
+
+
+def _s(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f} s"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return "n/a"
+    return f"{a / b:.2f}"
+
+
+def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    floor = results.get("floor", {}).get("p50")
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def stat(key: str, q: str) -> float | None:
+        r = results.get(key)
+        return None if r is None or not r.get("n") else r.get(q)
+
+    def add(label: str, tp: float | None, ob: float | None, fmt: Any = _ms, with_floor: bool = False) -> None:
+        rows.append(
+            (label, fmt(tp), fmt(ob), _ratio(tp, ob), _ratio(tp, floor) if with_floor else "")
+        )
+
+    for peers in (2, 3, 5):
+        g_tp, g_ob = f"graceful/{TP}/{peers}", f"graceful/{OBAN}/{peers}"
+        n = max(stat(g_tp, "n") or 0, stat(g_ob, "n") or 0)
+        if not n:
+            continue
+        for q in ("min", "p50", "p95", "max"):
+            add(f"graceful handover, {peers} processes, {q} (n={n:.0f})", stat(g_tp, q), stat(g_ob, q), with_floor=True)
+        for q in ("p50", "p95"):
+            add(f"leaving time, {peers} processes, {q}", stat(f"leave/{TP}/{peers}", q), stat(f"leave/{OBAN}/{peers}", q))
+    c1 = f"crash/{TP}/1s"
+    if stat(c1, "n"):
+        for q in ("p50", "p95", "max"):
+            add(f"crash handover, interval 1 s, {q} (n={stat(c1, 'n'):.0f})", stat(c1, q), None, _s)
+    for q in ("p50", "max"):
+        n_tp, n_ob = stat(f"crash/{TP}/default", "n"), stat(f"crash/{OBAN}/default", "n")
+        if n_tp or n_ob:
+            add(
+                f"crash handover, default interval (30 s), {q} (n={n_tp or 0:.0f}/{n_ob or 0:.0f})",
+                stat(f"crash/{TP}/default", q),
+                stat(f"crash/{OBAN}/default", q),
+                _s,
+            )
+    idle_tp, idle_ob = results.get(f"idle/{TP}"), results.get(f"idle/{OBAN}")
+    if idle_tp or idle_ob:
+        for key, label, fmt in (
+            ("statements_per_s_per_peer", "idle statements/s per peer", lambda v: "n/a" if v is None else f"{v:.3f}"),
+            ("commits_per_s_per_peer", "idle commits/s per peer", lambda v: "n/a" if v is None else f"{v:.3f}"),
+            ("wal_bytes_per_s_per_peer", "idle WAL bytes/s per peer", lambda v: "n/a" if v is None else f"{v:.0f}"),
+            ("connections_per_peer", "server connections per peer", lambda v: "n/a" if v is None else f"{v:.1f}"),
+            ("cpu_per_peer", "idle CPU per peer (% of a core)", lambda v: "n/a" if v is None else f"{v * 100:.3f}"),
+            ("rss_bytes_per_peer", "memory (RSS) per peer, MiB", lambda v: "n/a" if v is None else f"{v / 2**20:.1f}"),
+        ):
+            add(label, (idle_tp or {}).get(key), (idle_ob or {}).get(key), fmt)
+    herd_tp, herd_ob = results.get(f"herd/{TP}"), results.get(f"herd/{OBAN}")
+    if herd_tp or herd_ob:
+        f = (herd_tp or herd_ob or {}).get("followers")
+        for part, label in (("winner", "first leader"), ("settled", "every follower settled")):
+            for q in ("p50", "max"):
+                add(
+                    f"herd of {f}: {label}, {q}",
+                    ((herd_tp or {}).get(part) or {}).get(q),
+                    ((herd_ob or {}).get(part) or {}).get(q),
+                )
+        rows.append((
+            f"herd of {f}: most leaders seen in one round",
+            str((herd_tp or {}).get("max_winners", "n/a")),
+            str((herd_ob or {}).get("max_winners", "n/a")),
+            "",
+            "",
+        ))
+    st_t, st_a = results.get("statement/trio_asyncio"), results.get("statement/asyncio")
+    if st_t and st_a:
+        rows.append((
+            f"election statement p50, trio-asyncio vs plain asyncio (n={st_t['n']})",
+            _ms(st_t["p50"]),
+            _ms(st_a["p50"]) + " (asyncio)",
+            _ratio(st_t["p50"], st_a["p50"]),
+            "",
+        ))
+    if floor is not None:
+        fl = results["floor"]
+        rows.append((f"floor (release + NOTIFY + election, plain asyncpg), p50 (n={fl['n']})", _ms(floor), "", "", "1.00"))
+        rows.append(("floor, p95", _ms(fl["p95"]), "", "", ""))
+
+    m = meta["machine"]
+    out = [
+        f"# trio-peers vs oban-py ({meta['mode']} mode, {meta['started_utc']})",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, "
+        f"Linux {m['kernel']}. Load average at start {m['load_average_at_start'][0]:.2f}, "
+        f"at end {meta.get('load_average_at_end', [math.nan])[0]:.2f} (other work shares the "
+        "machine: compare ratios within this run).",
+        f"PostgreSQL {meta['postgresql'].get('server_version')}, one throwaway server for everything.",
+        "",
+        "| measure | trio-peers | oban-py | trio-peers ÷ oban-py | trio-peers ÷ floor |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    out += [f"| {' | '.join(r)} |" for r in rows]
+    scaling_rows = results.get("scaling") or []
+    if scaling_rows:
+        out += [
+            "",
+            "## Many names in one process (trio-peers; two processes: one leads every name, one follows)",
+            "",
+            "| names | interval | connections | CPU leader | CPU follower | commits/s | WAL B/s | open all | exit | all led elsewhere |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in scaling_rows:
+            if "skipped" in r:
+                out.append(f"| {r['names']} | {r['interval']:g} s | skipped: {r['skipped']} |  |  |  |  |  |  |  |")
+                continue
+            out.append(
+                f"| {r['names']} | {r['interval']:g} s | {r['connections']:.0f} | {r['cpu_leader'] * 100:.2f} % | "
+                f"{r['cpu_follower'] * 100:.2f} % | {r['commits_per_s']:.1f} | {r['wal_bytes_per_s']:.0f} | "
+                f"{_s(r['open_s'])} | {_s(r['exit_s'])} | {_s(r['handover_all_s'])} |"
+            )
+    out += ["", "## Versions", ""]
+    out += [f"- {k}: {v}" for k, v in meta["versions"].items()]
+    out += ["", "## PostgreSQL settings (not at their defaults)", ""]
+    out += [f"- {k} = {v}" for k, v in meta["postgresql"].items()]
+    out += ["", "## Load average by phase (1 min)", ""]
+    out += [f"- {k}: {v[0]:.2f}" for k, v in meta.get("load_average_by_phase", {}).items()]
+    return "\n".join(out) + "\n"
+
+
+def _load(folder: Path) -> list[dict[str, Any]]:
+    with (folder / "samples.jsonl").open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plots(folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = _load(folder)
+    made: list[Path] = []
+    graceful: dict[tuple[str, int], list[float]] = defaultdict(list)
+    floor: list[float] = []
+    for s in samples:
+        if s["bench"] == "graceful":
+            graceful[(s["lib"], s["peers"])].append(s["handover_s"] * 1000)
+        elif s["bench"] == "floor":
+            floor.append(s["seconds"] * 1000)
+    if graceful:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+        styles = {2: ":", 3: "-", 5: "--"}
+        colors = {TP: "tab:blue", OBAN: "tab:orange"}
+        for (lib, peers), values in sorted(graceful.items()):
+            v = sorted(values)
+            y = [(i + 1) / len(v) for i in range(len(v))]
+            ax.step(v, y, where="post", color=colors.get(lib, "k"), linestyle=styles.get(peers, "-"), label=f"{lib}, {peers} processes")
+        if floor:
+            v = sorted(floor)
+            ax.step(v, [(i + 1) / len(v) for i in range(len(v))], where="post", color="tab:gray", label="floor (plain asyncpg)")
+        ax.set_xscale("log")
+        ax.set_xlabel("graceful handover (ms, log scale): leader starts leaving → another process leads")
+        ax.set_ylabel("fraction of rounds")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / "handover_ecdf.png"
+        fig.savefig(path)
+        plt.close(fig)
+        made.append(path)
+    rows = [s for s in samples if s["bench"] == "scaling" and "skipped" not in s]
+    if rows:
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3.4), dpi=120)
+        for interval in sorted({r["interval"] for r in rows}):
+            rs = sorted((r for r in rows if r["interval"] == interval), key=lambda r: r["names"])
+            names = [r["names"] for r in rs]
+            label = f"interval {interval:g} s"
+            axes[0].plot(names, [r["connections_per_process"] for r in rs], marker="o", label=label)
+            axes[1].plot(names, [r["cpu_leader"] * 100 for r in rs], marker="o", label=label)
+            axes[2].plot(names, [r["commits_per_s"] for r in rs], marker="o", label=label)
+        for ax, title in zip(axes, ("connections per process", "idle CPU of the leading process (%)", "commits/s (both processes)"), strict=True):
+            ax.set_xscale("log")
+            ax.set_xlabel("names per process")
+            ax.set_title(title, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / "names_cost.png"
+        fig.savefig(path)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("\n".join(str(p) for p in plots(Path(sys.argv[1]))))
