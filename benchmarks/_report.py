@@ -11,6 +11,31 @@ from typing import Any
 TP, OBAN = "trio-peers", "oban-py"
 
 
+NOTES = (
+    "Every peer is an OS process; each stamps its events with CLOCK_MONOTONIC (one clock for "
+    "the host). Graceful handover: from the leader's 'starts leaving' to the first other process "
+    "reporting leadership. Leaving time: from 'starts leaving' to the exit returning "
+    "(trio-peers: `async with open_peer` exited, its connection closed; oban-py: `Oban.stop()` "
+    "returned, the application's pool still open).",
+    "oban-py's leader interval cannot be set through its public API (`Oban(...)` passes only "
+    "`enabled` to its leader, which then uses 30 s), so crash handover at interval 1 s is "
+    "measured for trio-peers only; both libraries are measured at their defaults (30 s).",
+    "Crash handover: from SIGKILL of the leader, at a random phase of its renewal cycle, to the "
+    "follower reporting leadership.",
+    "Idle cost: 3 processes per library at its default interval, each library in a database of "
+    "its own (pg_stat_database and pg_stat_statements per database); WAL is cluster-wide, the "
+    "libraries are measured one after the other. oban-py's minimal instance (no queues, "
+    "leadership on) still runs its stager every second.",
+    "Herd: 1 leader and N followers of one name; the leader leaves; 'first leader' is the first "
+    "report of leadership, 'settled' the moment the last follower's reaction round ended "
+    "(trio-peers: a tracing wrapper of the public PeerBackend protocol; oban-py: its public "
+    "`oban.leader.election.stop` telemetry event).",
+    "Floor: a release statement (UPDATE + pg_notify in one transaction), the NOTIFY delivery, "
+    "and one election statement, through plain asyncio asyncpg between two processes, with "
+    "trio-peers' own SQL.",
+)
+
+
 def _ms(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 1000:.1f} ms"
 
@@ -134,6 +159,8 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 f"{r['cpu_follower'] * 100:.2f} % | {r['commits_per_s']:.1f} | {r['wal_bytes_per_s']:.0f} | "
                 f"{_s(r['open_s'])} | {_s(r['exit_s'])} | {_s(r['handover_all_s'])} |"
             )
+    out += ["", "## Notes", ""]
+    out += [f"- {n}" for n in NOTES]
     out += ["", "## Versions", ""]
     out += [f"- {k}: {v}" for k, v in meta["versions"].items()]
     out += ["", "## PostgreSQL settings (not at their defaults)", ""]
