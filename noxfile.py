@@ -54,9 +54,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy (strict, configured in pyproject.toml) over the library and tests/typing."""
+    """mypy (strict, configured in pyproject.toml) over the library, benchmarks/ and tests/typing."""
     session.install(".[test]", MYPY, ASYNCPG_STUBS)
     session.run("mypy")
+    session.run("mypy", "benchmarks")
     if (ROOT / "tests" / "typing").is_dir():
         session.run("mypy", "tests/typing")
 

@@ -138,10 +138,10 @@ def first_event(
     deadline = time.monotonic() + timeout
     while True:
         for proc in procs:
-            while (data := proc._line()) is not None:
-                if data["event"] == event:
-                    return proc, data
-                proc.backlog.append(data)
+            while (line := proc._line()) is not None:
+                if line["event"] == event:
+                    return proc, line
+                proc.backlog.append(line)
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"no {event!r} from any of {len(procs)} processes")

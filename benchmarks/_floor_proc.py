@@ -1,16 +1,18 @@
 """The floor: a handover's database work through plain asyncio asyncpg, no library.
 
-    python benchmarks/_floor_proc.py leader|follower DSN
+    python benchmarks/_floor_proc.py leader|follower DSN [ID]
 
 Both processes use trio-peers' own SQL (the release and election statements,
 prepared once). The ``leader`` process takes the lease on ``join`` and, on
 ``leave``, reports ``leaving`` and runs the release statement, which expires the
 lease and sends NOTIFY in one transaction. The ``follower`` LISTENs; its
 notification callback runs the election statement at once and reports ``gained``
-when it returns (then expires its lease quietly, without NOTIFY, so the next round
-starts from a free lease). ``gained.t - leaving.t`` is one release statement, one
+when it returns; on ``free``, the winner expires its lease quietly, without NOTIFY,
+so that the next round starts from a free lease. ``gained.t - leaving.t`` is one release statement, one
 NOTIFY delivery and one election statement between two processes: what the
-hardware, the server and the driver allow, with no library in the way.
+hardware, the server and the driver allow, with no library in the way. With several
+followers (each with its own ``ID``), every one bids at once, as library followers do,
+and reports ``gained`` with ``won`` true or false.
 """
 
 from __future__ import annotations
@@ -40,20 +42,33 @@ async def main(role: str, dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     elect = await conn.prepare(sql.elect)
     release = await conn.prepare(sql.release)
-    node = f"floor-{role}"
+    node = f"floor-{role}-{sys.argv[3] if len(sys.argv) > 3 else 0}"
     loop = asyncio.get_running_loop()
 
-    async def react() -> None:
+    async def bid() -> int | None:
         row = await elect.fetchrow(NAME, node, LEASE, None)
-        emit("gained", won=row["won_term"] is not None)
-        if row["won_term"] is not None:
-            # Free the lease again, without a notification (nobody listens on this channel).
-            await release.fetch(NAME, node, row["won_term"], "floor.quiet", "x")
+        assert row is not None  # the election statement always returns one row
+        won: int | None = row["won_term"]
+        return won
+
+    busy = asyncio.Lock()  # one statement at a time on the connection
+
+    held: list[int] = []
+
+    async def react() -> None:
+        async with busy:
+            won = await bid()
+            emit("gained", won=won is not None)
+            if won is not None:
+                held.append(won)
 
     if role == "follower":
+        tasks: set[asyncio.Task[None]] = set()
 
         def on_notify(*_: object) -> None:
-            loop.create_task(react())
+            task = loop.create_task(react())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
         await conn.add_listener(CHANNEL, on_notify)
     emit("ready")
@@ -62,7 +77,7 @@ async def main(role: str, dsn: str) -> None:
         command = (await loop.run_in_executor(None, sys.stdin.readline)).strip()
         if command == "join" and role == "leader":
             while term is None:
-                term = (await elect.fetchrow(NAME, node, LEASE, None))["won_term"]
+                term = await bid()
                 if term is None:
                     await asyncio.sleep(0.001)
             emit("joined", leader=True)
@@ -71,6 +86,11 @@ async def main(role: str, dsn: str) -> None:
             await release.fetch(NAME, node, term, CHANNEL, down_payload(NAME, term or 0, "floor"))
             term = None
             emit("left")
+        elif command == "free" and held:
+            # Free the lease again, without a notification (nobody listens on that channel).
+            async with busy:
+                await release.fetch(NAME, node, held.pop(), "floor.quiet", "x")
+            emit("freed")
         elif command in ("quit", ""):
             break
     await conn.close()

@@ -52,7 +52,7 @@ async def main(dsn: str, node: str) -> None:
     telemetry.attach("bench", ["oban.leader.election.stop"], on_election)
     pool = await Oban.create_pool(dsn)
     emit("ready")
-    oban: Oban | None = None
+    oban: Any = None
     try:
         while True:
             command = (await read_line(loop)).strip()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,11 @@ NOTES = (
 
 
 def _ms(v: float | None) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 1000:.1f} ms"
+    return "n/a" if v is None or math.isnan(v) else f"{v * 1000:.1f} ms"
 
 
 def _s(v: float | None) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f} s"
+    return "n/a" if v is None or math.isnan(v) else f"{v:.2f} s"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -50,17 +51,30 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
-def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
-    floor = results.get("floor", {}).get("p50")
-    rows: list[tuple[str, str, str, str, str]] = []
+Row = tuple[str, str, str, str, str, str]
+
+
+def main_rows(results: dict[str, Any]) -> list[Row]:
+    """The comparison table's rows: measure, trio-peers, oban-py, their ratio, and each as a
+    multiple of the floor (same number of processes, same quantile)."""
+    rows: list[Row] = []
 
     def stat(key: str, q: str) -> float | None:
         r = results.get(key)
         return None if r is None or not r.get("n") else r.get(q)
 
-    def add(label: str, tp: float | None, ob: float | None, fmt: Any = _ms, with_floor: bool = False) -> None:
+    def add(
+        label: str, tp: float | None, ob: float | None, fmt: Any = _ms, floor: float | None = None
+    ) -> None:
         rows.append(
-            (label, fmt(tp), fmt(ob), _ratio(tp, ob), _ratio(tp, floor) if with_floor else "")
+            (
+                label,
+                fmt(tp),
+                fmt(ob),
+                _ratio(tp, ob),
+                _ratio(tp, floor) if floor else "",
+                _ratio(ob, floor) if floor else "",
+            )
         )
 
     for peers in (2, 3, 5):
@@ -69,13 +83,24 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
         if not n:
             continue
         for q in ("min", "p50", "p95", "max"):
-            add(f"graceful handover, {peers} processes, {q} (n={n:.0f})", stat(g_tp, q), stat(g_ob, q), with_floor=True)
+            add(
+                f"graceful handover, {peers} processes, {q} (n={n:.0f})",
+                stat(g_tp, q),
+                stat(g_ob, q),
+                floor=stat(f"floor/{peers}", q) or stat("floor", q),
+            )
         for q in ("p50", "p95"):
-            add(f"leaving time, {peers} processes, {q}", stat(f"leave/{TP}/{peers}", q), stat(f"leave/{OBAN}/{peers}", q))
+            add(
+                f"leaving time, {peers} processes, {q}",
+                stat(f"leave/{TP}/{peers}", q),
+                stat(f"leave/{OBAN}/{peers}", q),
+            )
     c1 = f"crash/{TP}/1s"
     if stat(c1, "n"):
         for q in ("p50", "p95", "max"):
-            add(f"crash handover, interval 1 s, {q} (n={stat(c1, 'n'):.0f})", stat(c1, q), None, _s)
+            add(
+                f"crash handover, interval 1 s, {q} (n={stat(c1, 'n'):.0f})", stat(c1, q), None, _s
+            )
     for q in ("p50", "max"):
         n_tp, n_ob = stat(f"crash/{TP}/default", "n"), stat(f"crash/{OBAN}/default", "n")
         if n_tp or n_ob:
@@ -88,12 +113,36 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
     idle_tp, idle_ob = results.get(f"idle/{TP}"), results.get(f"idle/{OBAN}")
     if idle_tp or idle_ob:
         for key, label, fmt in (
-            ("statements_per_s_per_peer", "idle statements/s per peer", lambda v: "n/a" if v is None else f"{v:.3f}"),
-            ("commits_per_s_per_peer", "idle commits/s per peer", lambda v: "n/a" if v is None else f"{v:.3f}"),
-            ("wal_bytes_per_s_per_peer", "idle WAL bytes/s per peer", lambda v: "n/a" if v is None else f"{v:.0f}"),
-            ("connections_per_peer", "server connections per peer", lambda v: "n/a" if v is None else f"{v:.1f}"),
-            ("cpu_per_peer", "idle CPU per peer (% of a core)", lambda v: "n/a" if v is None else f"{v * 100:.3f}"),
-            ("rss_bytes_per_peer", "memory (RSS) per peer, MiB", lambda v: "n/a" if v is None else f"{v / 2**20:.1f}"),
+            (
+                "statements_per_s_per_peer",
+                "idle statements/s per peer",
+                lambda v: "n/a" if v is None else f"{v:.3f}",
+            ),
+            (
+                "commits_per_s_per_peer",
+                "idle commits/s per peer",
+                lambda v: "n/a" if v is None else f"{v:.3f}",
+            ),
+            (
+                "wal_bytes_per_s_per_peer",
+                "idle WAL bytes/s per peer",
+                lambda v: "n/a" if v is None else f"{v:.0f}",
+            ),
+            (
+                "connections_per_peer",
+                "server connections per peer",
+                lambda v: "n/a" if v is None else f"{v:.1f}",
+            ),
+            (
+                "cpu_per_peer",
+                "idle CPU per peer (% of a core)",
+                lambda v: "n/a" if v is None else f"{v * 100:.3f}",
+            ),
+            (
+                "rss_bytes_per_peer",
+                "memory (RSS) per peer, MiB",
+                lambda v: "n/a" if v is None else f"{v / 2**20:.1f}",
+            ),
         ):
             add(label, (idle_tp or {}).get(key), (idle_ob or {}).get(key), fmt)
     herd_tp, herd_ob = results.get(f"herd/{TP}"), results.get(f"herd/{OBAN}")
@@ -106,59 +155,121 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
                     ((herd_tp or {}).get(part) or {}).get(q),
                     ((herd_ob or {}).get(part) or {}).get(q),
                 )
-        rows.append((
-            f"herd of {f}: most leaders seen in one round",
-            str((herd_tp or {}).get("max_winners", "n/a")),
-            str((herd_ob or {}).get("max_winners", "n/a")),
-            "",
-            "",
-        ))
+        rows.append(
+            (
+                f"herd of {f}: most leaders seen in one round",
+                str((herd_tp or {}).get("max_winners", "n/a")),
+                str((herd_ob or {}).get("max_winners", "n/a")),
+                "",
+                "",
+                "",
+            )
+        )
     st_t, st_a = results.get("statement/trio_asyncio"), results.get("statement/asyncio")
     if st_t and st_a:
-        rows.append((
-            f"election statement p50, trio-asyncio vs plain asyncio (n={st_t['n']})",
-            _ms(st_t["p50"]),
-            _ms(st_a["p50"]) + " (asyncio)",
-            _ratio(st_t["p50"], st_a["p50"]),
-            "",
-        ))
-    if floor is not None:
-        fl = results["floor"]
-        rows.append((f"floor (release + NOTIFY + election, plain asyncpg), p50 (n={fl['n']})", _ms(floor), "", "", "1.00"))
-        rows.append(("floor, p95", _ms(fl["p95"]), "", "", ""))
+        rows.append(
+            (
+                f"election statement p50, trio-asyncio vs plain asyncio (n={st_t['n']})",
+                _ms(st_t["p50"]),
+                _ms(st_a["p50"]) + " (asyncio)",
+                _ratio(st_t["p50"], st_a["p50"]),
+                "",
+                "",
+            )
+        )
+    for peers in (2, 3, 5):
+        fl = results.get(f"floor/{peers}") or (results.get("floor") if peers == 2 else None)
+        if not fl or not fl.get("n"):
+            continue
+        label = f"floor: release + NOTIFY + election, plain asyncpg, {peers} processes"
+        rows += [
+            (f"{label}, {q} (n={fl['n']})", _ms(fl[q]), "", "", "1.00", "1.00")
+            for q in ("p50", "p95")
+        ]
+    return rows
 
+
+SCALING_HEADER = (
+    "names",
+    "interval",
+    "connections",
+    "CPU leader",
+    "CPU follower",
+    "commits/s",
+    "WAL B/s",
+    "open all",
+    "exit",
+    "all led elsewhere",
+)
+
+
+def scaling_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for r in results.get("scaling") or []:
+        if "skipped" in r:
+            out.append(
+                (str(r["names"]), f"{r['interval']:g} s", "skipped: " + r["skipped"], *[""] * 7)
+            )
+            continue
+        out.append(
+            (
+                str(r["names"]),
+                f"{r['interval']:g} s",
+                f"{r['connections']:.0f}",
+                f"{r['cpu_leader'] * 100:.2f} %",
+                f"{r['cpu_follower'] * 100:.2f} %",
+                f"{r['commits_per_s']:.1f}",
+                f"{r['wal_bytes_per_s']:.0f}",
+                _s(r["open_s"]),
+                _s(r["exit_s"]),
+                _s(r["handover_all_s"]),
+            )
+        )
+    return out
+
+
+def machine_line(meta: dict[str, Any]) -> str:
     m = meta["machine"]
+    return (
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, "
+        f"Linux {m['kernel']}; load average (1 min) {m['load_average_at_start'][0]:.2f} at the "
+        f"start, {meta.get('load_average_at_end', [math.nan])[0]:.2f} at the end; "
+        f"PostgreSQL {meta['postgresql'].get('server_version')}"
+    )
+
+
+MAIN_HEADER = (
+    "measure",
+    "trio-peers",
+    "oban-py",
+    "trio-peers ÷ oban-py",
+    "trio-peers ÷ floor",
+    "oban-py ÷ floor",
+)
+
+
+def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The results folder's table.md."""
     out = [
         f"# trio-peers vs oban-py ({meta['mode']} mode, {meta['started_utc']})",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, "
-        f"Linux {m['kernel']}. Load average at start {m['load_average_at_start'][0]:.2f}, "
-        f"at end {meta.get('load_average_at_end', [math.nan])[0]:.2f} (other work shares the "
-        "machine: compare ratios within this run).",
-        f"PostgreSQL {meta['postgresql'].get('server_version')}, one throwaway server for everything.",
+        f"Machine: {machine_line(meta)}. Other work shares the machine: compare ratios within "
+        "this run. One throwaway PostgreSQL server for everything.",
         "",
-        "| measure | trio-peers | oban-py | trio-peers ÷ oban-py | trio-peers ÷ floor |",
-        "| --- | --- | --- | --- | --- |",
+        "| " + " | ".join(MAIN_HEADER) + " |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    out += [f"| {' | '.join(r)} |" for r in rows]
-    scaling_rows = results.get("scaling") or []
-    if scaling_rows:
+    out += [f"| {' | '.join(r)} |" for r in main_rows(results)]
+    sc = scaling_rows(results)
+    if sc:
         out += [
             "",
             "## Many names in one process (trio-peers; two processes: one leads every name, one follows)",
             "",
-            "| names | interval | connections | CPU leader | CPU follower | commits/s | WAL B/s | open all | exit | all led elsewhere |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| " + " | ".join(SCALING_HEADER) + " |",
+            "| " + " | ".join(["---"] * len(SCALING_HEADER)) + " |",
         ]
-        for r in scaling_rows:
-            if "skipped" in r:
-                out.append(f"| {r['names']} | {r['interval']:g} s | skipped: {r['skipped']} |  |  |  |  |  |  |  |")
-                continue
-            out.append(
-                f"| {r['names']} | {r['interval']:g} s | {r['connections']:.0f} | {r['cpu_leader'] * 100:.2f} % | "
-                f"{r['cpu_follower'] * 100:.2f} % | {r['commits_per_s']:.1f} | {r['wal_bytes_per_s']:.0f} | "
-                f"{_s(r['open_s'])} | {_s(r['exit_s'])} | {_s(r['handover_all_s'])} |"
-            )
+        out += [f"| {' | '.join(r)} |" for r in sc]
     out += ["", "## Notes", ""]
     out += [f"- {n}" for n in NOTES]
     out += ["", "## Versions", ""]
@@ -167,6 +278,40 @@ def table(results: dict[str, Any], meta: dict[str, Any]) -> str:
     out += [f"- {k} = {v}" for k, v in meta["postgresql"].items()]
     out += ["", "## Load average by phase (1 min)", ""]
     out += [f"- {k}: {v[0]:.2f}" for k, v in meta.get("load_average_by_phase", {}).items()]
+    return "\n".join(out) + "\n"
+
+
+def _rst_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], widths: str) -> list[str]:
+    out = [".. list-table::", "   :header-rows: 1", f"   :widths: {widths}", ""]
+    for row in (header, *rows):
+        cells = [c.replace("*", "\\*") or " " for c in row]
+        out.append(f"   * - {cells[0]}")
+        out += [f"     - {c}" for c in cells[1:]]
+    return out
+
+
+def table_rst(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The same tables as reStructuredText, for docs/performance.rst to include."""
+    out = [
+        f".. Generated by benchmarks/bench.py ({meta['mode']} mode, {meta['started_utc']}); "
+        "do not edit.",
+        "",
+        f"Measured on {machine_line(meta)}; {meta['versions'].get('trio-peers peers', '')}; "
+        f"{meta['versions'].get('oban-py peers', '')}.",
+        "",
+    ]
+    out += _rst_table(MAIN_HEADER, main_rows(results), "34 14 14 12 13 13")
+    sc = scaling_rows(results)
+    if sc:
+        out += [
+            "",
+            ".. _performance-names:",
+            "",
+            "Many names in one process",
+            "~~~~~~~~~~~~~~~~~~~~~~~~~",
+            "",
+        ]
+        out += _rst_table(SCALING_HEADER, sc, "8 8 10 10 10 10 10 10 10 14")
     return "\n".join(out) + "\n"
 
 
@@ -184,12 +329,12 @@ def plots(folder: Path) -> list[Path]:
     samples = _load(folder)
     made: list[Path] = []
     graceful: dict[tuple[str, int], list[float]] = defaultdict(list)
-    floor: list[float] = []
+    floor: dict[int, list[float]] = defaultdict(list)
     for s in samples:
         if s["bench"] == "graceful":
             graceful[(s["lib"], s["peers"])].append(s["handover_s"] * 1000)
         elif s["bench"] == "floor":
-            floor.append(s["seconds"] * 1000)
+            floor[s.get("peers", 2)].append(s["seconds"] * 1000)
     if graceful:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
         styles = {2: ":", 3: "-", 5: "--"}
@@ -197,12 +342,28 @@ def plots(folder: Path) -> list[Path]:
         for (lib, peers), values in sorted(graceful.items()):
             v = sorted(values)
             y = [(i + 1) / len(v) for i in range(len(v))]
-            ax.step(v, y, where="post", color=colors.get(lib, "k"), linestyle=styles.get(peers, "-"), label=f"{lib}, {peers} processes")
-        if floor:
-            v = sorted(floor)
-            ax.step(v, [(i + 1) / len(v) for i in range(len(v))], where="post", color="tab:gray", label="floor (plain asyncpg)")
+            ax.step(
+                v,
+                y,
+                where="post",
+                color=colors.get(lib, "k"),
+                linestyle=styles.get(peers, "-"),
+                label=f"{lib}, {peers} processes",
+            )
+        for peers, values in sorted(floor.items()):
+            v = sorted(values)
+            ax.step(
+                v,
+                [(i + 1) / len(v) for i in range(len(v))],
+                where="post",
+                color="tab:gray",
+                linestyle=styles.get(peers, "-"),
+                label=f"floor (plain asyncpg), {peers} processes",
+            )
         ax.set_xscale("log")
-        ax.set_xlabel("graceful handover (ms, log scale): leader starts leaving → another process leads")
+        ax.set_xlabel(
+            "graceful handover (ms, log scale): leader starts leaving → another process leads"
+        )
         ax.set_ylabel("fraction of rounds")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -218,10 +379,20 @@ def plots(folder: Path) -> list[Path]:
             rs = sorted((r for r in rows if r["interval"] == interval), key=lambda r: r["names"])
             names = [r["names"] for r in rs]
             label = f"interval {interval:g} s"
-            axes[0].plot(names, [r["connections_per_process"] for r in rs], marker="o", label=label)
+            axes[0].plot(
+                names, [r["connections_per_process"] for r in rs], marker="o", label=label
+            )
             axes[1].plot(names, [r["cpu_leader"] * 100 for r in rs], marker="o", label=label)
             axes[2].plot(names, [r["commits_per_s"] for r in rs], marker="o", label=label)
-        for ax, title in zip(axes, ("connections per process", "idle CPU of the leading process (%)", "commits/s (both processes)"), strict=True):
+        for ax, title in zip(
+            axes,
+            (
+                "connections per process",
+                "idle CPU of the leading process (%)",
+                "commits/s (both processes)",
+            ),
+            strict=True,
+        ):
             ax.set_xscale("log")
             ax.set_xlabel("names per process")
             ax.set_title(title, fontsize=9)

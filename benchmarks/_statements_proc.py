@@ -53,7 +53,9 @@ def through_asyncio(dsn: str, n: int, out: list[float]) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(dsn)
         elect = await conn.prepare(sql.elect)
-        term = (await elect.fetchrow(name, "bench", lease, None))["won_term"]
+        row = await elect.fetchrow(name, "bench", lease, None)
+        assert row is not None
+        term = row["won_term"]
         assert term is not None
         for _ in range(n):
             t0 = time.perf_counter()

@@ -74,7 +74,9 @@ class _TracedConnection:
         emit("close", t0=t0)
 
     def abort(self) -> None:
+        t0 = time.monotonic()
         self._inner.abort()
+        emit("close", t0=t0, aborted=True)
 
 
 class _TracedConnector:

@@ -118,8 +118,7 @@ def start_server(dsn: str | None = None) -> tuple[Any, bool]:
         from trio_peers.testing._postgres import ExternalPostgres
 
         return ExternalPostgres(dsn), True
-    from trio_peers.testing import PostgresServer, find_postgres_bindir
-    from trio_peers.testing import _postgres
+    from trio_peers.testing import PostgresServer, _postgres, find_postgres_bindir
 
     # PostgresServer has no parameter for server settings (a suggestion for the harness):
     # the benchmark replaces the harness's command-line settings for this process only.
@@ -127,7 +126,9 @@ def start_server(dsn: str | None = None) -> tuple[Any, bool]:
     settings["max_connections"] = str(MAX_CONNECTIONS)
     settings["shared_buffers"] = "128MB"
     lib = find_postgres_bindir().parent / "lib"
-    if (lib / "pg_stat_statements.so").exists() or (lib / "postgresql" / "pg_stat_statements.so").exists():
+    if (lib / "pg_stat_statements.so").exists() or (
+        lib / "postgresql" / "pg_stat_statements.so"
+    ).exists():
         settings["shared_preload_libraries"] = "pg_stat_statements"
     _postgres._SERVER_SETTINGS = tuple(settings.items())  # type: ignore[misc]
     return PostgresServer.start(), False
@@ -162,7 +163,7 @@ class Bench:
         self.server = server
         self.out = out
         self.mode: dict[str, Any] = MODES[args.mode]
-        self.rng = random.Random(args.seed)  # noqa: S311 - phases, not secrets
+        self.rng = random.Random(args.seed)
         self.samples = (out / "samples.jsonl").open("w")
         self.lock = threading.Lock()
         self.results: dict[str, Any] = {}
@@ -179,9 +180,17 @@ class Bench:
             self.samples.write(json.dumps({"bench": bench, "lib": lib, **fields}) + "\n")
             self.samples.flush()
 
-    def spawn(self, lib: str, node: str, *, interval: float = 0.0, trace: bool = False) -> PeerProcess:
+    def spawn(
+        self, lib: str, node: str, *, interval: float = 0.0, trace: bool = False
+    ) -> PeerProcess:
         if lib == TP:
-            argv = [self.args.tp_python, str(BENCH / "_tp_proc.py"), self.tp_dsn, node, str(interval)]
+            argv = [
+                self.args.tp_python,
+                str(BENCH / "_tp_proc.py"),
+                self.tp_dsn,
+                node,
+                str(interval),
+            ]
             if trace:
                 argv.append("--trace")
         else:
@@ -229,7 +238,13 @@ class Bench:
         for _ in range(2):
             for side, key in (("trio", "trio_asyncio"), ("asyncio", "asyncio")):
                 out = subprocess.run(
-                    [self.args.tp_python, str(BENCH / "_statements_proc.py"), side, self.tp_dsn, str(self.mode["statements"] // 2)],
+                    [
+                        self.args.tp_python,
+                        str(BENCH / "_statements_proc.py"),
+                        side,
+                        self.tp_dsn,
+                        str(self.mode["statements"] // 2),
+                    ],
                     stdout=subprocess.PIPE,
                     text=True,
                     check=True,
@@ -241,29 +256,39 @@ class Bench:
                 self.sample("statement", key, seconds=v)
             self.results[f"statement/{key}"] = summarize(values)
 
-    def floor(self) -> None:
-        self.phase("floor: release + NOTIFY + election through plain asyncpg")
+    def floor(self, peers: int = 2) -> None:
+        self.phase(f"floor: release + NOTIFY + election through plain asyncpg, {peers} processes")
         env = {"PYTHONPATH": str(ROOT)}
-        leader = PeerProcess([self.args.tp_python, str(BENCH / "_floor_proc.py"), "leader", self.floor_dsn], env=env)
-        follower = PeerProcess([self.args.tp_python, str(BENCH / "_floor_proc.py"), "follower", self.floor_dsn], env=env)
+        script = str(BENCH / "_floor_proc.py")
+        leader = PeerProcess([self.args.tp_python, script, "leader", self.floor_dsn], env=env)
+        followers = [
+            PeerProcess([self.args.tp_python, script, "follower", self.floor_dsn, str(i)], env=env)
+            for i in range(peers - 1)
+        ]
         values = []
         try:
-            leader.until("ready")
-            follower.until("ready")
+            for p in (leader, *followers):
+                p.until("ready")
             for i in range(self.mode["floor"]):
                 leader.send("join")
                 leader.until("joined")
                 time.sleep(0.05)
                 leader.send("leave")
                 t0 = leader.until("leaving")["t"]
-                t1 = follower.until("gained")["t"]
+                bids = [f.until("gained") for f in followers]
                 leader.until("left")
-                values.append(t1 - t0)
-                self.sample("floor", "asyncpg", round=i, seconds=t1 - t0)
-                time.sleep(0.02)  # the follower frees the lease again
+                winners = [(f, b) for f, b in zip(followers, bids, strict=True) if b["won"]]
+                assert len(winners) == 1, bids
+                winner, won = winners[0]
+                winner.send("free")  # the next round starts from a free lease
+                winner.until("freed")
+                values.append(won["t"] - t0)
+                self.sample("floor", "asyncpg", peers=peers, round=i, seconds=won["t"] - t0)
         finally:
-            close_all([leader, follower])
-        self.results["floor"] = summarize(values)
+            close_all([leader, *followers])
+        self.results[f"floor/{peers}"] = summarize(values)
+        if peers == 2:
+            self.results["floor"] = self.results["floor/2"]
 
     def graceful(self, lib: str, peers: int) -> None:
         self.phase(f"graceful handover, {lib}, {peers} processes")
@@ -292,7 +317,14 @@ class Bench:
                 t_left = leader.until("left")["t"]
                 handover.append(gained["t"] - t0)
                 leave.append(t_left - t0)
-                self.sample("graceful", lib, peers=peers, round=i, handover_s=gained["t"] - t0, leave_s=t_left - t0)
+                self.sample(
+                    "graceful",
+                    lib,
+                    peers=peers,
+                    round=i,
+                    handover_s=gained["t"] - t0,
+                    leave_s=t_left - t0,
+                )
                 leader.send("join")
                 leader.until("joined")
                 leader = winner
@@ -303,7 +335,7 @@ class Bench:
 
     def crash(self, lib: str, interval: float, rounds: int, seed: int) -> None:
         label = f"{interval:g}s" if interval else "default"
-        rng = random.Random(seed)  # noqa: S311
+        rng = random.Random(seed)
         period = interval or 30.0  # both libraries' default interval is 30 s
         follower = self.spawn(lib, f"{lib}-crash-{label}-f", interval=interval)
         values = []
@@ -337,7 +369,9 @@ class Bench:
                     victim.kill()
                     t1 = follower.until("gained", timeout=4 * period)["t"]
                     values.append(t1 - t0)
-                    self.sample("crash", lib, interval=interval or "default", round=i, seconds=t1 - t0)
+                    self.sample(
+                        "crash", lib, interval=interval or "default", round=i, seconds=t1 - t0
+                    )
                 finally:
                     victim.close()
         finally:
@@ -358,7 +392,12 @@ class Bench:
             "AND backend_type = 'client backend')",
             db,
         )[0]
-        return {"commits": float(row[0]), "statements": float(row[1]), "wal": float(row[2]), "connections": float(row[3])}
+        return {
+            "commits": float(row[0]),
+            "statements": float(row[1]),
+            "wal": float(row[2]),
+            "connections": float(row[3]),
+        }
 
     def idle(self, lib: str, peers: int = 3) -> None:
         self.phase(f"idle cost, {lib}, {peers} processes at the default interval")
@@ -422,14 +461,23 @@ class Bench:
                         ev = p.until("elect", timeout=30)
                     reacted[p.pid] = ev["t"]
                 time.sleep(0.5)
-                extra = sum(1 for p in others if p is not winner and any(e["event"] == "gained" for e in p.drain()))
+                extra = sum(
+                    1
+                    for p in others
+                    if p is not winner and any(e["event"] == "gained" for e in p.drain())
+                )
                 t_settled = max(reacted.values())
                 settle.append(t_settled - t0)
                 won_first.append(gained["t"] - t0)
                 winners_seen.append(1 + extra)
                 self.sample(
-                    "herd", lib, followers=followers, round=i, winner_s=gained["t"] - t0,
-                    settled_s=t_settled - t0, winners=1 + extra,
+                    "herd",
+                    lib,
+                    followers=followers,
+                    round=i,
+                    winner_s=gained["t"] - t0,
+                    settled_s=t_settled - t0,
+                    winners=1 + extra,
                 )
                 leader.until("left", timeout=60)
                 leader.send("join")
@@ -448,7 +496,9 @@ class Bench:
         rounds = self.mode["crash_default"]
         if not rounds:
             return
-        self.phase(f"crash handover at each library's default interval ({rounds} rounds, in parallel)")
+        self.phase(
+            f"crash handover at each library's default interval ({rounds} rounds, in parallel)"
+        )
         threads = [
             threading.Thread(target=self.crash, args=(lib, 0.0, rounds, self.args.seed + k))
             for k, lib in enumerate(self.libs)
@@ -476,21 +526,27 @@ class Bench:
             self.sample("scaling", TP, **row)
         self.results["scaling"] = rows
 
+    def crash_1s(self) -> None:
+        self.phase("crash handover at interval 1 s")
+        self.crash(TP, 1.0, self.mode["crash"], self.args.seed)
+
     def run(self, only: set[str] | None) -> None:
+        # Idle first, while the databases are fresh (no autovacuum work left by other phases).
+        m, libs = self.mode, self.libs
         steps: list[tuple[str, Callable[[], None]]] = [
+            *(("idle", lambda lib=lib: self.idle(lib)) for lib in libs),
             ("statements", self.statements),
-            ("floor", self.floor),
+            *(("floor", lambda n=n: self.floor(n)) for n in m["peers"]),
+            *(
+                ("graceful", lambda lib=lib, n=n: self.graceful(lib, n))
+                for n in m["peers"]
+                for lib in libs
+            ),
+            ("crash", self.crash_1s),
+            *(("herd", lambda lib=lib: self.herd(lib, m["herd"])) for lib in libs),
+            ("crash_default", self.crash_defaults),
+            ("scaling", self.scaling),
         ]
-        for peers in self.mode["peers"]:
-            for lib in self.libs:
-                steps.append(("graceful", lambda lib=lib, peers=peers: self.graceful(lib, peers)))
-        steps.append(("crash", lambda: (self.phase("crash handover at interval 1 s"), self.crash(TP, 1.0, self.mode["crash"], self.args.seed))[-1]))
-        for lib in self.libs:
-            steps.append(("idle", lambda lib=lib: self.idle(lib)))
-        for lib in self.libs:
-            steps.append(("herd", lambda lib=lib: self.herd(lib, self.mode["herd"])))
-        steps.append(("crash_default", self.crash_defaults))
-        steps.append(("scaling", self.scaling))
         for name, step in steps:
             if only is None or name in only:
                 step()
@@ -502,22 +558,57 @@ class Bench:
 def versions(args: argparse.Namespace) -> dict[str, str]:
     def ask(python: str, code: str) -> str:
         try:
-            return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+            return subprocess.run(
+                [python, "-c", code], capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return "n/a"
 
     meta = "from importlib.metadata import version as v; import sys; "
     out = {
-        "trio-peers peers": ask(args.tp_python, meta + "print('python', sys.version.split()[0], 'trio-peers', v('trio-peers'), 'trio', v('trio'), 'trio-asyncio', v('trio-asyncio'), 'asyncpg', v('asyncpg'))"),
+        "trio-peers peers": ask(
+            args.tp_python,
+            meta
+            + "print('python', sys.version.split()[0], 'trio-peers', v('trio-peers'), 'trio', v('trio'), 'trio-asyncio', v('trio-asyncio'), 'asyncpg', v('asyncpg'))",
+        ),
         "orchestrator": f"python {sys.version.split()[0]}",
     }
     if not args.no_oban and args.mode != "smoke":
-        out["oban-py peers"] = ask(args.oban_python, meta + "print('python', sys.version.split()[0], 'oban', v('oban'), 'psycopg', v('psycopg'), 'psycopg-pool', v('psycopg-pool'))")
+        out["oban-py peers"] = ask(
+            args.oban_python,
+            meta
+            + "print('python', sys.version.split()[0], 'oban', v('oban'), 'psycopg', v('psycopg'), 'psycopg-pool', v('psycopg-pool'))",
+        )
     try:
-        out["git"] = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True, check=True).stdout.strip()
+        out["git"] = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         out["git"] = "n/a"
     return out
+
+
+DOCS_DATA = ROOT / "docs" / "performance"
+DOCS_IMAGES = ROOT / "docs" / "images" / "performance"
+
+
+def publish(out: Path) -> None:
+    """Copy a run's table, plots and raw data to where docs/performance.rst finds them."""
+    import shutil
+
+    DOCS_DATA.mkdir(parents=True, exist_ok=True)
+    DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "table.rst", DOCS_DATA / "results.inc")
+    for name in ("table.md", "samples.jsonl", "meta.json", "results.json"):
+        shutil.copy(out / name, DOCS_DATA / name)
+    for png in out.glob("*.png"):
+        shutil.copy(png, DOCS_IMAGES / png.name)
+    log(
+        f"published {out.name} to {DOCS_DATA.relative_to(ROOT)} and {DOCS_IMAGES.relative_to(ROOT)}"
+    )
 
 
 def main() -> None:
@@ -526,13 +617,23 @@ def main() -> None:
     mode.add_argument("--full", dest="mode", action="store_const", const="full")
     mode.add_argument("--smoke", dest="mode", action="store_const", const="smoke")
     parser.set_defaults(mode="quick")
-    parser.add_argument("--tp-python", default=sys.executable, help="interpreter of the trio-peers peers")
+    parser.add_argument(
+        "--tp-python", default=sys.executable, help="interpreter of the trio-peers peers"
+    )
     parser.add_argument("--oban-python", help="interpreter of a venv with oban==0.7.0")
     parser.add_argument("--no-oban", action="store_true", help="measure trio-peers only")
-    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<timestamp>)")
-    parser.add_argument("--only", help="comma-separated steps: statements,floor,graceful,crash,idle,herd,crash_default,scaling")
+    parser.add_argument(
+        "--out", type=Path, help="results folder (default benchmarks/results/<timestamp>)"
+    )
+    parser.add_argument(
+        "--only",
+        help="comma-separated steps: statements,floor,graceful,crash,idle,herd,crash_default,scaling",
+    )
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--publish", action="store_true", help="copy table, plots and raw data into docs/"
+    )
     args = parser.parse_args()
     if args.mode != "smoke" and not args.no_oban and not args.oban_python:
         parser.error("--oban-python is required (or --no-oban); `nox -s bench` provides it")
@@ -563,8 +664,11 @@ def main() -> None:
         from benchmarks import _report
 
         (out / "table.md").write_text(_report.table(bench.results, meta))
+        (out / "table.rst").write_text(_report.table_rst(bench.results, meta))
         if not args.no_plots:
             _report.plots(out)
+        if args.publish:
+            publish(out)
         log(f"results in {out} ({meta['duration_s']:.0f} s)")
         print((out / "table.md").read_text())
     finally:

@@ -53,7 +53,9 @@ def _after(events: list[dict[str, Any]], name: str, t: float) -> dict[str, Any] 
     return next((e for e in events if e["event"] == name and e["t"] >= t), None)
 
 
-def one_round(procs: list[PeerProcess], leader: PeerProcess) -> tuple[dict[str, float], PeerProcess]:
+def one_round(
+    procs: list[PeerProcess], leader: PeerProcess
+) -> tuple[dict[str, float], PeerProcess]:
     time.sleep(0.15)
     for p in procs:
         p.drain()
@@ -61,15 +63,18 @@ def one_round(procs: list[PeerProcess], leader: PeerProcess) -> tuple[dict[str, 
     t0 = leader.until("leaving")["t"]
     others = [p for p in procs if p is not leader]
     winner, gained = first_event(others, "gained", timeout=30)
-    leader.until("left", timeout=30)
+    left_event = leader.until("left", timeout=30)
     time.sleep(0.1)  # the losers' bids
-    lev = [{"event": "leaving", "t": t0}, *leader.drain()]
-    # The events before `left` went to the backlog and were drained with it.
+    # The events before `left` went to the backlog and are drained with it.
+    lev = [{"event": "leaving", "t": t0}, *leader.drain(), left_event]
     release = _after(lev, "release", t0)
     close = _after(lev, "close", t0)
     closed = _after(lev, "backend_closed", t0)
     left = _after(lev, "left", t0)
-    assert release and close and closed and left, lev
+    assert release is not None, lev
+    assert close is not None, lev
+    assert closed is not None, lev
+    assert left is not None, lev
     wev = winner.drain()
     notified = _after(wev, "notified", t0)
     elect = next(e for e in wev if e["event"] == "elect" and e.get("won"))
@@ -117,7 +122,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     variants: list[tuple[str, str | None]] = [("current", None)]
-    variants += [tuple(v.split("=", 1)) for v in args.variant]  # type: ignore[misc]
+    for v in args.variant:
+        name, _, path = v.partition("=")
+        variants.append((name, path))
 
     import trio
 
@@ -151,7 +158,8 @@ def main() -> None:
                             continue
                         procs = groups[name]
                         procs[0].send("join")
-                        procs[0].until("joined")
+                        if not procs[0].until("joined")["leader"]:
+                            procs[0].until("gained", timeout=90)
                         for p in procs[1:]:
                             p.send("join")
                             p.until("joined")
@@ -161,9 +169,10 @@ def main() -> None:
                             phases[name].append(ph)
                             raw.append({"variant": name, "peers": peers, **ph})
                             done[name] += 1
-                        for p in procs:
+                        # Followers first: a follower leaving during a handover could
+                        # win the lease with its last bid and leave it to lapse.
+                        for p in [*(q for q in procs if q is not leader), leader]:
                             p.send("leave")
-                        for p in procs:
                             p.until("left", timeout=30)
                 for name, rows in phases.items():
                     keys = rows[0].keys()
@@ -178,11 +187,18 @@ def main() -> None:
             finally:
                 close_all([p for procs in groups.values() for p in procs])
         results["load_average_at_end"] = load_average()
-        print("\nload average", results["load_average_at_start"], "->", results["load_average_at_end"])
+        print(
+            "\nload average",
+            results["load_average_at_start"],
+            "->",
+            results["load_average_at_end"],
+        )
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "profile.json").write_text(json.dumps(results, indent=2))
-            (args.out / "profile_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in raw))
+            (args.out / "profile_samples.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in raw)
+            )
     finally:
         if not external:
             server.close()
