@@ -24,8 +24,8 @@ NOTES = (
     "Crash handover: from SIGKILL of the leader, at a random phase of its renewal cycle, to the "
     "follower reporting leadership.",
     "Idle cost: 3 processes per library at its default interval, each library in a database of "
-    "its own (pg_stat_database and pg_stat_statements per database); WAL is cluster-wide, the "
-    "libraries are measured one after the other. oban-py's minimal instance (no queues, "
+    "its own (pg_stat_database, and pg_stat_statements for statements and their WAL bytes, per "
+    "database); commits include the database's background transactions (autovacuum). oban-py's minimal instance (no queues, "
     "leadership on) still runs its stager every second.",
     "Herd: 1 leader and N followers of one name; the leader leaves; 'first leader' is the first "
     "report of leadership, 'settled' the moment the last follower's reaction round ended "

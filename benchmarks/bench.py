@@ -379,15 +379,16 @@ class Bench:
         self.results[f"crash/{lib}/{label}"] = summarize(values)
 
     def _db_stats(self, db: str) -> dict[str, float]:
-        calls = "0"
+        """Counters of one database; WAL from its statements (pg_stat_statements) when
+        available, else the cluster's WAL position (which background work also moves)."""
+        calls = wal = "0"
         if self.statements_view:
-            calls = (
-                "(SELECT coalesce(sum(calls), 0) FROM pg_stat_statements s "
-                "JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1)"
-            )
+            per_db = "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1"
+            calls = f"(SELECT coalesce(sum(calls), 0) {per_db})"
+            wal = f"(SELECT coalesce(sum(wal_bytes), 0) {per_db})"
         row = self.server.execute(
             "SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = $1), "
-            f"{calls}, pg_current_wal_lsn() - '0/0'::pg_lsn, "
+            f"{calls}, {wal}, pg_current_wal_lsn() - '0/0'::pg_lsn, "
             "(SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
             "AND backend_type = 'client backend')",
             db,
@@ -395,8 +396,9 @@ class Bench:
         return {
             "commits": float(row[0]),
             "statements": float(row[1]),
-            "wal": float(row[2]),
-            "connections": float(row[3]),
+            "wal": float(row[2]) if self.statements_view else float(row[3]),
+            "cluster_wal": float(row[3]),
+            "connections": float(row[4]),
         }
 
     def idle(self, lib: str, peers: int = 3) -> None:
@@ -420,6 +422,7 @@ class Bench:
                 "statements_per_s_per_peer": (s1["statements"] - s0["statements"]) / span / peers,
                 "commits_per_s_per_peer": (s1["commits"] - s0["commits"]) / span / peers,
                 "wal_bytes_per_s_per_peer": (s1["wal"] - s0["wal"]) / span / peers,
+                "cluster_wal_bytes_per_s": (s1["cluster_wal"] - s0["cluster_wal"]) / span,
                 "connections_per_peer": s1["connections"] / peers,
                 "cpu_per_peer": sum(b - a for a, b in zip(c0, c1, strict=True)) / span / peers,
                 "rss_bytes_per_peer": sum(rss_bytes(p.pid) for p in procs) / peers,
