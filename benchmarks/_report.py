@@ -200,6 +200,7 @@ SCALING_HEADER = (
     "open all",
     "exit",
     "all led elsewhere",
+    "failed rounds (A / B)",
 )
 
 
@@ -208,7 +209,7 @@ def scaling_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     for r in results.get("scaling") or []:
         if "skipped" in r:
             out.append(
-                (str(r["names"]), f"{r['interval']:g} s", "skipped: " + r["skipped"], *[""] * 7)
+                (str(r["names"]), f"{r['interval']:g} s", "skipped: " + r["skipped"], *[""] * 8)
             )
             continue
         out.append(
@@ -223,6 +224,7 @@ def scaling_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
                 _s(r["open_s"]),
                 _s(r["exit_s"]),
                 _s(r["handover_all_s"]),
+                f"{r.get('failed_rounds_leader', 'n/a')} / {r.get('failed_rounds_follower', 'n/a')}",
             )
         )
     return out
@@ -311,7 +313,7 @@ def table_rst(results: dict[str, Any], meta: dict[str, Any]) -> str:
             "~~~~~~~~~~~~~~~~~~~~~~~~~",
             "",
         ]
-        out += _rst_table(SCALING_HEADER, sc, "8 8 10 10 10 10 10 10 10 14")
+        out += _rst_table(SCALING_HEADER, sc, "8 8 9 9 9 9 9 9 9 11 10")
     return "\n".join(out) + "\n"
 
 
@@ -325,6 +327,7 @@ def plots(folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     samples = _load(folder)
     made: list[Path] = []
@@ -339,6 +342,7 @@ def plots(folder: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
         styles = {2: ":", 3: "-", 5: "--"}
         colors = {TP: "tab:blue", OBAN: "tab:orange"}
+        top = max(max(v) for v in graceful.values()) * 1.5
         for (lib, peers), values in sorted(graceful.items()):
             v = sorted(values)
             y = [(i + 1) / len(v) for i in range(len(v))]
@@ -361,6 +365,9 @@ def plots(folder: Path) -> list[Path]:
                 label=f"floor (plain asyncpg), {peers} processes",
             )
         ax.set_xscale("log")
+        ticks = [t for t in (1, 2, 3, 5, 10, 20, 30, 50, 100, 200) if t <= top]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(
             "graceful handover (ms, log scale): leader starts leaving → another process leads"
         )

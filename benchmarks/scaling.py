@@ -70,6 +70,8 @@ async def peer_main(dsn: str, interval: float, names: int, use_sessions: bool) -
             else:
                 leading.discard(peer.name)
 
+    failed: list[int] = []
+
     async def one_name(
         session: Any, name: str, leave: trio.Event, opened: list[int], all_open: trio.Event
     ) -> None:
@@ -84,6 +86,7 @@ async def peer_main(dsn: str, interval: float, names: int, use_sessions: bool) -
             if len(opened) == names:
                 all_open.set()
             await leave.wait()
+            failed.append(peer.statistics().elections_failed)
             nursery.cancel_scope.cancel()
 
     async def run_all(leave: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
@@ -98,7 +101,7 @@ async def peer_main(dsn: str, interval: float, names: int, use_sessions: bool) -
             await all_open.wait()
             emit("opened", leading=len(leading))
             task_status.started()
-        emit("left")
+        emit("left", failed_rounds=sum(failed))
 
     async with trio.open_nursery() as nursery:
         leave = trio.Event()
@@ -206,7 +209,11 @@ def measure(
         a.send("leave")
         t_leave = a.until("leaving")["t"]
         row["handover_all_s"] = b.until("all_leading", timeout=600)["t"] - t_leave
-        row["exit_s"] = a.until("left", timeout=600)["t"] - t_leave
+        left = a.until("left", timeout=600)
+        row["exit_s"] = left["t"] - t_leave
+        row["failed_rounds_leader"] = left["failed_rounds"]
+        b.send("leave")
+        row["failed_rounds_follower"] = b.until("left", timeout=600)["failed_rounds"]
     finally:
         close_all([a, b])
     return row
@@ -250,7 +257,8 @@ def run(
                 f"scaling: {n} names at {interval} s: {row['connections']:.0f} connections, "
                 f"open {row['open_s']:.2f} s, exit {row['exit_s']:.2f} s, "
                 f"handover of all {row['handover_all_s']:.2f} s, "
-                f"{row['commits_per_s']:.1f} commits/s"
+                f"{row['commits_per_s']:.1f} commits/s, failed rounds "
+                f"{row['failed_rounds_leader']} (leader) {row['failed_rounds_follower']} (follower)"
             )
             rows.append(row)
     return rows
