@@ -27,6 +27,9 @@ NOTES = (
     "its own (pg_stat_database, and pg_stat_statements for statements and their WAL bytes, per "
     "database); commits include the database's background transactions (autovacuum). oban-py's minimal instance (no queues, "
     "leadership on) still runs its stager every second.",
+    "WAL: oban-py's install makes its leaders table UNLOGGED (no WAL, and its rows do not "
+    "survive a server crash); trio-peers' table is logged by default "
+    "(`migrate(unlogged=True)` makes it unlogged too).",
     "Herd: 1 leader and N followers of one name; the leader leaves; 'first leader' is the first "
     "report of leadership, 'settled' the moment the last follower's reaction round ended "
     "(trio-peers: a tracing wrapper of the public PeerBackend protocol; oban-py: its public "
@@ -413,7 +416,17 @@ def plots(folder: Path) -> list[Path]:
     return made
 
 
+def rerender(folder: Path) -> list[Path]:
+    """Write a results folder's tables and plots again from its results.json, meta.json and
+    samples.jsonl (after a change to this module)."""
+    results = json.loads((folder / "results.json").read_text())
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "table.md").write_text(table(results, meta))
+    (folder / "table.rst").write_text(table_rst(results, meta))
+    return [folder / "table.md", folder / "table.rst", *plots(folder)]
+
+
 if __name__ == "__main__":
     import sys
 
-    print("\n".join(str(p) for p in plots(Path(sys.argv[1]))))
+    print("\n".join(str(p) for p in rerender(Path(sys.argv[1]))))
