@@ -157,6 +157,16 @@ def pg_settings(server: Any) -> dict[str, str]:
 # --------------------------------------------------------------------------- the run
 
 
+def close_leader_last(procs: list[PeerProcess], leader: PeerProcess) -> None:
+    """Quit the followers, then the leader.
+
+    Quitting all at once can leave a lease behind: a follower's bid woken by the leader's
+    release may commit while that follower is closing (benchmarks/repro_simultaneous_exit.py).
+    """
+    close_all([p for p in procs if p is not leader])
+    leader.close()
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, server: Any, out: Path) -> None:
         self.args = args
@@ -196,6 +206,20 @@ class Bench:
         else:
             argv = [self.args.oban_python, str(BENCH / "_oban_proc.py"), self.oban_dsn, node]
         return PeerProcess(argv)
+
+    def reset(self, lib: str) -> None:
+        """Start a phase from an empty lease table (no lease left by an earlier phase)."""
+        if lib == TP:
+            self.server.execute("DELETE FROM trio_peers", database="bench_tp")
+        else:
+            self.server.execute("DELETE FROM oban_leaders", database="bench_oban")
+
+    def join_as_leader(self, lib: str, proc: PeerProcess, timeout: float = 60.0) -> None:
+        joined = proc.until("joined", timeout=timeout) if lib == TP else None
+        if lib == OBAN:
+            proc.until("gained", timeout=timeout)
+        elif joined is not None and not joined["leader"]:
+            raise RuntimeError("the first peer does not lead: a lease outlived its holder")
 
     def phase(self, name: str) -> None:
         self.loads[name] = load_average()
@@ -294,13 +318,13 @@ class Bench:
         self.phase(f"graceful handover, {lib}, {peers} processes")
         procs = [self.spawn(lib, f"{lib}-g{peers}-{i}", interval=0.0) for i in range(peers)]
         handover, leave = [], []
+        leader = procs[0]
         try:
             for p in procs:
                 p.until("ready", timeout=60)
+            self.reset(lib)
             procs[0].send("join")
-            procs[0].until("joined")
-            if lib == OBAN:
-                procs[0].until("gained")
+            self.join_as_leader(lib, procs[0])
             for p in procs[1:]:
                 p.send("join")
                 p.until("joined")
@@ -329,7 +353,7 @@ class Bench:
                 leader.until("joined")
                 leader = winner
         finally:
-            close_all(procs)
+            close_leader_last(procs, leader)
         self.results[f"graceful/{lib}/{peers}"] = summarize(handover)
         self.results[f"leave/{lib}/{peers}"] = summarize(leave)
 
@@ -346,10 +370,9 @@ class Bench:
                 try:
                     victim.until("ready", timeout=60)
                     if i == 0:
+                        self.reset(lib)
                         victim.send("join")
-                        victim.until("joined")
-                        if lib == OBAN:
-                            victim.until("gained")
+                        self.join_as_leader(lib, victim)
                         follower.send("join")
                         follower.until("joined")
                     else:
@@ -437,13 +460,13 @@ class Bench:
         self.phase(f"herd, {lib}, 1 leader and {followers} followers")
         procs = [self.spawn(lib, f"{lib}-herd-{i}", trace=True) for i in range(followers + 1)]
         settle, winners_seen, won_first = [], [], []
+        leader = procs[0]
         try:
             for p in procs:
                 p.until("ready", timeout=120)
+            self.reset(lib)
             procs[0].send("join")
-            procs[0].until("joined", timeout=60)
-            if lib == OBAN:
-                procs[0].until("gained", timeout=60)
+            self.join_as_leader(lib, procs[0])
             for p in procs[1:]:
                 p.send("join")
             for p in procs[1:]:
@@ -487,7 +510,7 @@ class Bench:
                 leader.until("joined", timeout=60)
                 leader = winner
         finally:
-            close_all(procs)
+            close_leader_last(procs, leader)
         self.results[f"herd/{lib}"] = {
             "followers": followers,
             "winner": summarize(won_first),
