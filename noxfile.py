@@ -62,6 +62,8 @@ BUILD = "build==1.6.1"
 TWINE = "twine==7.0.0"
 # The docs' pinned dependencies, shared with Read the Docs (.readthedocs.yaml).
 DOCS_REQUIREMENTS = "docs/requirements.txt"
+MATPLOTLIB = "matplotlib==3.11.2"
+OBAN = "oban==0.7.0"
 
 # Checks ruff's ASYNC rules lack; they must be named one by one to be switched on.
 FLAKE8_ASYNC_CODES = "ASYNC100,ASYNC101,ASYNC102,ASYNC119,ASYNC900,ASYNC910,ASYNC911"
@@ -117,10 +119,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy (strict, configured in pyproject.toml) over the library, chaos/ and tests/typing."""
+    """mypy (strict, configured in pyproject.toml) over the library, chaos/, benchmarks/ and
+    tests/typing."""
     session.install(".[test]", MYPY, ASYNCPG_STUBS)
     session.run("mypy")
     session.run("mypy", "chaos")
+    session.run("mypy", "benchmarks")
     if (ROOT / "tests" / "typing").is_dir():
         session.run("mypy", "tests/typing")
 
@@ -158,6 +162,42 @@ def chaos_defects(session: nox.Session) -> None:
     caught by the checker. Arguments go to ``python -m chaos.defects``."""
     session.install(".[test]")
     session.run("python", "-m", "chaos.defects", *session.posargs)
+
+
+def _python312() -> str | None:
+    """A Python 3.12 interpreter: pyenv's (not its shim), else one on PATH."""
+    import shutil
+
+    pyenv = sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3"))
+    return str(pyenv[-1]) if pyenv else shutil.which("python3.12")
+
+
+def _venv(session: nox.Session, python: str, where: Path, *packages: str) -> str:
+    """A venv at ``where`` made by ``python``, with ``packages``; returns its interpreter."""
+    bin_python = where / "bin" / "python"
+    if not bin_python.exists():
+        session.run_install(python, "-m", "venv", str(where), external=True)
+    session.run_install(str(bin_python), "-m", "pip", "install", "-q", *packages, external=True)
+    return str(bin_python)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """trio-peers side by side with oban-py and the floor: ``nox -s bench [-- --full]``.
+
+    Writes benchmarks/results/<timestamp>/ (table, raw samples, plots). oban-py runs in a
+    venv of its own on Python 3.12, and so do the trio-peers peer processes (same
+    interpreter version for both libraries); without a Python 3.12 the peers run here.
+    """
+    session.install(".[test]", MATPLOTLIB)
+    args = list(session.posargs)
+    py312 = _python312()
+    if py312 is None:
+        session.error("the benchmark needs a Python 3.12 interpreter for oban-py (python3.12)")
+    venvs = ROOT / ".nox" / "bench-peers"
+    oban = _venv(session, py312, venvs / "oban", OBAN)
+    tp = _venv(session, py312, venvs / "trio-peers", ".")
+    session.run("python", "benchmarks/bench.py", "--oban-python", oban, "--tp-python", tp, *args)
 
 
 FIND_MACHINE_POSTGRES = """

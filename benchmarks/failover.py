@@ -23,7 +23,8 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 from pathlib import Path
 
 import asyncpg
@@ -36,13 +37,15 @@ from trio_peers import BackendUnavailable, LeadershipChange, Peer, PeerConfig, o
 from trio_peers._asyncpg import connect_once
 from trio_peers.testing._replication import ReplicatedPair, timeline
 
+T = TypeVar("T")
+
 
 def multihost(*ports: int, database: str = "postgres") -> str:
     hosts = ",".join(f"127.0.0.1:{port}" for port in ports)
     return f"postgresql://postgres@{hosts}/{database}?target_session_attrs=read-write"
 
 
-async def in_thread(fn: Callable[[], object]) -> object:
+async def in_thread(fn: Callable[[], T]) -> T:
     return await trio.to_thread.run_sync(fn)
 
 
@@ -114,7 +117,7 @@ async def promotion(rounds: int) -> None:
         )
 
 
-def fmt(values: list[float | None]) -> str:
+def fmt(values: Sequence[float | None]) -> str:
     found = [v for v in values if v is not None]
     missing = len(values) - len(found)
     text = "never (6 s)" if not found else f"median {statistics.median(found) * 1000:.0f} ms"
@@ -217,7 +220,7 @@ class Timeline:
             f"  tenures (node, term, from, to): {[(n, t, round(s, 3), round(e, 3)) for n, t, s, e in tenures]}"
         )
         print(
-            f"  terms in order: {terms}; repeated: {sorted({t for t in terms if terms.count(t) > 1})}"
+            f"  terms in order: {terms}; repeated: {sorted({t for t in terms if t is not None and terms.count(t) > 1})}"
         )
         for a, b in overlaps:
             print(
@@ -315,7 +318,7 @@ async def peers_scenario(mode: str, interval: float) -> None:
                 tl.note("old primary frozen")
                 took = await in_thread(pair.promote)
                 tl.note(
-                    f"standby promoted ({float(took) * 1000:.0f} ms), timeline {await in_thread(lambda: timeline(new))}"
+                    f"standby promoted ({took * 1000:.0f} ms), timeline {await in_thread(lambda: timeline(new))}"
                 )
                 await trio.sleep(4 * interval)
                 rows = await in_thread(

@@ -1,0 +1,165 @@
+"""A trio-peers peer in its own process, driven over stdin, for benchmarks/bench.py.
+
+    python benchmarks/_tp_proc.py DSN NODE INTERVAL [--name NAME] [--trace]
+
+Commands (one per line): ``join``, ``leave``, ``quit``. Events go to stdout as JSON
+lines with ``time.monotonic()`` stamps (CLOCK_MONOTONIC, system-wide on Linux):
+``joined`` (entry returned), ``gained`` / ``lost`` (leadership changes), ``leaving``
+(the moment it starts to leave) and ``left`` (the ``async with`` has exited).
+
+With ``--trace`` the default backend is wrapped (through the public
+``PeerBackend`` protocol) so that each election, release and close is reported as
+``elect`` / ``release`` / ``close`` with its start and end stamps: the herd uses it
+to see when each follower's reaction has finished, the profile to split the exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import trio
+
+from trio_peers import (
+    AsyncpgBackend,
+    BackendConnection,
+    BackendConnector,
+    ElectionOutcome,
+    LeaderInfo,
+    PeerBackend,
+    PeerConfig,
+    open_peer,
+)
+
+
+def emit(event: str, **fields: object) -> None:
+    print(json.dumps({"event": event, "t": time.monotonic(), **fields}), flush=True)
+
+
+class _TracedConnection:
+    def __init__(self, inner: BackendConnection) -> None:
+        self._inner = inner
+
+    async def elect(
+        self, *, node: str, held_term: int | None, statement_timeout: float
+    ) -> ElectionOutcome:
+        t0 = time.monotonic()
+        out = await self._inner.elect(
+            node=node, held_term=held_term, statement_timeout=statement_timeout
+        )
+        emit("elect", t0=t0, won=out.term is not None)
+        return out
+
+    async def release(
+        self, *, node: str, term: int, sender: str, statement_timeout: float
+    ) -> bool:
+        t0 = time.monotonic()
+        out = await self._inner.release(
+            node=node, term=term, sender=sender, statement_timeout=statement_timeout
+        )
+        emit("release", t0=t0)
+        return out
+
+    async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:
+        return await self._inner.get_leader(statement_timeout=statement_timeout)
+
+    async def aclose(self) -> None:
+        t0 = time.monotonic()
+        await self._inner.aclose()
+        emit("close", t0=t0)
+
+    def abort(self) -> None:
+        t0 = time.monotonic()
+        self._inner.abort()
+        emit("close", t0=t0, aborted=True)
+
+
+class _TracedConnector:
+    def __init__(self, inner: BackendConnector) -> None:
+        self._inner = inner
+
+    async def connect(
+        self, *, on_notification: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> BackendConnection:
+        def noted(payload: str) -> None:
+            emit("notified")
+            on_notification(payload)
+
+        conn = await self._inner.connect(on_notification=noted, on_lost=on_lost)
+        return _TracedConnection(conn)
+
+
+class TracedBackend:
+    """The default backend with every statement's timing written to stdout."""
+
+    def __init__(self) -> None:
+        self._inner: PeerBackend = AsyncpgBackend()
+
+    @asynccontextmanager
+    async def _open(self, config: PeerConfig) -> AsyncIterator[BackendConnector]:
+        async with self._inner.open(config) as connector:
+            yield _TracedConnector(connector)
+        emit("backend_closed")
+
+    def open(self, config: PeerConfig) -> AbstractAsyncContextManager[BackendConnector]:
+        return self._open(config)
+
+
+async def watch(peer: Any) -> None:
+    async for change in peer.leadership():
+        emit("gained" if change.is_leader else "lost", term=change.term)
+
+
+async def main(args: argparse.Namespace) -> None:
+    kwargs: dict[str, Any] = {"dsn": args.dsn, "node": args.node, "name": args.name}
+    if args.interval > 0:
+        kwargs["interval"] = args.interval
+    config = PeerConfig(**kwargs)
+    backend: PeerBackend | None = TracedBackend() if args.trace else None
+    lines = trio.wrap_file(sys.stdin)
+    leave = trio.Event()
+    emit("ready")
+    async with trio.open_nursery() as nursery:
+        while True:
+            command = (await lines.readline()).strip()
+            if command == "join":
+                leave = trio.Event()
+                await nursery.start(run_peer, config, backend, leave)
+            elif command == "leave":
+                emit("leaving")
+                leave.set()
+            elif command in ("quit", ""):
+                leave.set()
+                return
+
+
+async def run_peer(
+    config: PeerConfig,
+    backend: PeerBackend | None,
+    leave: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    async with trio.open_nursery() as nursery:
+        async with open_peer(config, backend=backend) as peer:
+            nursery.start_soon(watch, peer)
+            emit("joined", leader=peer.is_leader)
+            task_status.started()
+            await leave.wait()
+        emit("left")
+        nursery.cancel_scope.cancel()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dsn")
+    parser.add_argument("node")
+    parser.add_argument("interval", type=float, help="0: the library's default")
+    parser.add_argument("--name", default="bench")
+    parser.add_argument("--trace", action="store_true")
+    trio.run(main, parser.parse_args())
