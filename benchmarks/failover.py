@@ -24,8 +24,8 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import trio
