@@ -616,8 +616,9 @@ class Peer(metaclass=NoPublicConstructor):
         ``reason`` says why leadership would end now, for the event hook.
         """
         now = trio.current_time()
-        leader = self._core.is_leader(now)
-        term = self._core.term(now)
+        # A round that completes while the peer closes (see _stop) never shows as leading.
+        leader = self._core.is_leader(now) and not self._closing
+        term = self._core.term(now) if leader else None
         old = self._cell.value
         if self._cell.set(leader, term, now):
             if old.is_leader:
@@ -1055,10 +1056,12 @@ class Peer(metaclass=NoPublicConstructor):
     async def _stop(self) -> None:
         """Shutdown, run shielded by the caller: work, release, close. Idempotent.
 
-        It does not wait for the election loop first: cancelling the loop frees
-        the connection lock at once (a round in flight is abandoned), and the
-        release is then the very next statement, which keeps graceful handover
-        down to one statement plus one NOTIFY.
+        A round in flight is let finish (it is bounded by its statement timeout,
+        and takes a millisecond or so): abandoning it would not stop the server from
+        committing it, and a bid that won a new term then would leave a lease that no
+        process holds or releases, for a whole ``interval``. Otherwise the loop is
+        cancelled at once, and the release is the very next statement, which keeps a
+        graceful handover down to one statement plus one NOTIFY.
         """
         if self._stop_started:
             await self._stopped.wait()
@@ -1066,20 +1069,22 @@ class Peer(metaclass=NoPublicConstructor):
         self._stop_started = True
         try:
             self._closing = True  # no new leader-only work, no new rounds
-            self._loop_scope.cancel()
+            if self._core.round_started_at is None:
+                self._loop_scope.cancel()
             try:
                 self._conn_lock.acquire_nowait()  # free unless a round is in flight
             except trio.WouldBlock:
-                await self._conn_lock.acquire()
+                await self._conn_lock.acquire()  # (a fair lock: the loop cannot cut in)
+            self._loop_scope.cancel()
             try:
                 was_leader = self._cell.value.is_leader
                 term = self._core.close()
                 self._publish("closed")  # cancels leader-only work; channels see the loss
                 work_stopped = await self._await_leader_work()
                 if term is not None and work_stopped:
-                    # Close right after: a pause here (to let followers elect before this
-                    # backend exits) cost every exit 5 ms, for no handover gain measurable
-                    # on a loaded 2-core host (benchmarks/handover.py, docs/performance.rst).
+                    # Close right after. A pause here (so that followers elect before this
+                    # backend exits) cost every exit 5 ms; without it a handover's p95
+                    # grows a little on a loaded 2-core host (docs/performance.rst).
                     await self._release(term)
                 elif was_leader:
                     log.info("trio-peers %s: %s stopped", self.name, self.node)

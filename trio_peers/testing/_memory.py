@@ -57,6 +57,9 @@ class MemoryBackend:
     * :attr:`deliver_notifications` = False: NOTIFY is lost (as behind PgBouncer).
     * :meth:`kill_connections`: drop every open connection (as a server restart does).
     * :attr:`statement_delay`: seconds each statement takes before it runs.
+    * :attr:`reply_delay`: seconds between a statement running (it has committed) and its
+      reply arriving; a caller that gives up meanwhile never learns the outcome, as with a
+      real server.
     * :meth:`drop_table` / :meth:`create_table`: a missing table.
     * :meth:`lock_row` / :meth:`unlock_row`: another transaction holds a lease row locked
       (as a long fenced write would); elections that would write it report it busy
@@ -81,6 +84,8 @@ class MemoryBackend:
         """False: NOTIFY payloads are dropped, as behind a pooler in transaction mode."""
         self.statement_delay = 0.0
         """Seconds each statement waits (on Trio's clock) before it runs."""
+        self.reply_delay = 0.0
+        """Seconds between a statement running (committed) and its reply (on Trio's clock)."""
         self.statements = 0
         """How many statements ran (elect, release, get_leader)."""
         self.locked_rows: set[tuple[str, str, str]] = set()
@@ -284,17 +289,26 @@ class _MemoryConnection:
         self._backend._check(self._config)
         self._backend.statements += 1
 
+    async def _reply(self) -> None:
+        """The committed statement's reply on its way back: cancellable, like waiting for it."""
+        if self._backend.reply_delay:
+            await trio.sleep(self._backend.reply_delay)
+
     async def elect(
         self, *, node: str, held_term: int | None, statement_timeout: float
     ) -> ElectionOutcome:
         await self._statement(statement_timeout)
-        return self._backend.elect_now(self._config, node, held_term)
+        outcome = self._backend.elect_now(self._config, node, held_term)
+        await self._reply()
+        return outcome
 
     async def release(
         self, *, node: str, term: int, sender: str, statement_timeout: float
     ) -> bool:
         await self._statement(statement_timeout)
-        return self._backend.release_now(self._config, node, term, sender)
+        released = self._backend.release_now(self._config, node, term, sender)
+        await self._reply()
+        return released
 
     async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:
         await self._statement(statement_timeout)
