@@ -69,8 +69,8 @@ async def test_work_runs_on_exactly_one_peer_through_faults(dsn: str, pg: Postgr
             return [r for r in log.runs if r[3] is None]
 
         await wait_for(lambda: len(running()) == 1)
-        # 1. the leader's renewal fails (row locked past the statement timeout),
-        #    then its lease expires: work moves to another peer.
+        # 1. the leader cannot renew (the row is locked: its rounds are busy), so its trust
+        #    ends at its deadline; then its lease expires: work moves to another peer.
         await locker.execute("BEGIN")
         await locker.execute("SELECT * FROM public.trio_peers FOR UPDATE")
         await wait_for(lambda: not running(), limit=INTERVAL * 2)

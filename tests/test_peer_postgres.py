@@ -179,7 +179,7 @@ async def test_oban_1488_rollback_then_takeover_never_renews_the_new_holder(dsn:
     """A failed (rolled back) round, a takeover meanwhile, then the old leader's rounds."""
     async with open_sql(dsn) as sql, open_sql(dsn) as locker, open_peer(cfg(dsn, "a")) as a:
         assert a.is_leader
-        # Lock the row so a's renewal times out: a must concede at once...
+        # Lock the row so a cannot renew (busy rounds): a stops leading at its deadline...
         await locker.execute("BEGIN")
         await locker.execute("SELECT * FROM public.trio_peers FOR UPDATE")
         await wait_for(lambda: not a.is_leader, limit=INTERVAL * 2)
