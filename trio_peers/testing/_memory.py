@@ -289,17 +289,13 @@ class _MemoryConnection:
         self._backend._check(self._config)
         self._backend.statements += 1
 
-    async def _reply(self) -> None:
-        """The committed statement's reply on its way back: cancellable, like waiting for it."""
-        if self._backend.reply_delay:
-            await trio.sleep(self._backend.reply_delay)
-
     async def elect(
         self, *, node: str, held_term: int | None, statement_timeout: float
     ) -> ElectionOutcome:
         await self._statement(statement_timeout)
         outcome = self._backend.elect_now(self._config, node, held_term)
-        await self._reply()
+        if self._backend.reply_delay:  # committed; the reply is on its way (cancellable)
+            await trio.sleep(self._backend.reply_delay)
         return outcome
 
     async def release(
@@ -307,7 +303,8 @@ class _MemoryConnection:
     ) -> bool:
         await self._statement(statement_timeout)
         released = self._backend.release_now(self._config, node, term, sender)
-        await self._reply()
+        if self._backend.reply_delay:  # committed; the reply is on its way (cancellable)
+            await trio.sleep(self._backend.reply_delay)
         return released
 
     async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:
