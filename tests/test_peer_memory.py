@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+import trio_peers
 from trio_peers import (
     LeadershipChange,
     Peer,
@@ -447,13 +448,10 @@ async def test_work_stops_before_release_on_graceful_exit(
 ) -> None:
     backend = MemoryBackend()
     order: list[str] = []
-    original_release = backend.release_now
 
-    def release_now(*args: object, **kwargs: object) -> bool:
-        order.append("release")
-        return original_release(*args, **kwargs)  # type: ignore[arg-type]
-
-    backend.release_now = release_now  # type: ignore[method-assign]
+    def on_event(event: object) -> None:
+        if isinstance(event, trio_peers.LeaseReleased) and event.released:
+            order.append("release")
 
     async def work() -> None:
         try:
@@ -464,7 +462,7 @@ async def test_work_stops_before_release_on_graceful_exit(
             order.append("work stopped")
 
     async with trio.open_nursery() as outer:
-        async with open_peer(cfg("a"), backend=backend) as a:
+        async with open_peer(cfg("a"), backend=backend, on_event=on_event) as a:
             outer.start_soon(a.run_while_leader, work)
             await trio.sleep(1)
     assert order == ["work stopped", "release"]

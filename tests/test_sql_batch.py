@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from trio_peers import migrate
+from trio_peers._core import Down, parse_downs, parse_notification
 from trio_peers._sql import Statements
 
 from ._pgutil import SQL, open_sql
@@ -88,3 +89,82 @@ async def test_a_name_twice_in_one_batch_is_refused(pg_dsn: str) -> None:
     async with open_sql(pg_dsn) as a:
         with pytest.raises(asyncpg.exceptions.CardinalityViolationError):
             await elect(a, ["x", "x"], "a", [None, None])
+
+
+async def release(
+    sql: SQL, names: list[str], node: str, terms: list[int], sender: str = "s"
+) -> dict[str, Any]:
+    rows = await sql.fetch(
+        STATEMENTS.release_many, names, [node] * len(names), terms, "public.trio_peers", sender
+    )
+    return {r["name"]: r for r in rows}
+
+
+async def test_batched_release_expires_exactly_the_tenures_named_and_notifies_in_chunks(
+    pg_dsn: str,
+) -> None:
+    await migrate(pg_dsn)
+    # Long names: 600 names of ~400 bytes need several payloads under the 8000-byte limit.
+    names = [f"{i:04d}-" + "n" * 400 for i in range(600)]
+    payloads: list[str] = []
+    async with open_sql(pg_dsn) as a, open_sql(pg_dsn) as listener, open_sql(pg_dsn) as probe:
+        got = trio.Event()
+
+        def on_notify(_c: object, _pid: int, _ch: str, payload: str) -> None:
+            payloads.append(payload)
+            got.set()
+
+        await listener.aio(listener.conn.add_listener)("public.trio_peers", on_notify)
+        await elect(a, names, "a", [None] * len(names))
+        # A wrong term and another node release nothing, and notify nothing.
+        wrong = await release(a, names[:3], "a", [2, 2, 2])
+        assert not any(r["released"] or r["busy"] for r in wrong.values())
+        other = await release(a, names[:3], "b", [1, 1, 1])
+        assert not any(r["released"] for r in other.values())
+        done = await release(a, names, "a", [1] * len(names), sender="sess")
+        assert all(done[n]["released"] and not done[n]["busy"] for n in names)
+        assert (
+            await probe.fetchval("SELECT count(*) FROM trio_peers WHERE expires_at > now()") == 0
+        )
+        with trio.fail_after(5):
+            while sum(len(parse_downs(p) or []) for p in payloads) < len(names):
+                await got.wait()
+                got = trio.Event()
+    assert len(payloads) > 1
+    assert all(len(p.encode()) < 8000 for p in payloads)
+    downs = [d for p in payloads for d in parse_downs(p) or []]
+    assert sorted(d.name for d in downs) == names
+    assert {(d.term, d.sender) for d in downs} == {(1, "sess")}
+
+
+async def test_batched_release_of_one_name_uses_the_single_name_payload(pg_dsn: str) -> None:
+    await migrate(pg_dsn)
+    async with open_sql(pg_dsn) as a, open_sql(pg_dsn) as listener:
+        payloads: list[str] = []
+        got = trio.Event()
+
+        def on_notify(_c: object, _pid: int, _ch: str, payload: str) -> None:
+            payloads.append(payload)
+            got.set()
+
+        await listener.aio(listener.conn.add_listener)("public.trio_peers", on_notify)
+        await elect(a, ["solo"], "a", [None])
+        assert (await release(a, ["solo"], "a", [1], sender="x"))["solo"]["released"]
+        with trio.fail_after(5):
+            await got.wait()
+    assert parse_notification(payloads[0]) == Down(name="solo", term=1, sender="x")
+
+
+async def test_batched_release_skips_a_locked_row_as_busy(pg_dsn: str) -> None:
+    await migrate(pg_dsn)
+    async with open_sql(pg_dsn) as a, open_sql(pg_dsn) as locker:
+        await elect(a, NAMES, "a", [None] * len(NAMES))
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT 1 FROM trio_peers WHERE name = $1 FOR SHARE", NAMES[3])
+        with trio.fail_after(5):
+            done = await release(a, NAMES, "a", [1] * len(NAMES))
+        assert done[NAMES[3]]["busy"] and not done[NAMES[3]]["released"]
+        assert all(done[n]["released"] for n in NAMES if n != NAMES[3])
+        await locker.execute("ROLLBACK")
+        again = await release(a, [NAMES[3]], "a", [1])
+        assert again[NAMES[3]]["released"]

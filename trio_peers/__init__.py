@@ -11,8 +11,16 @@ from ._asyncpg import AsyncpgBackend as AsyncpgBackend, migrate as migrate
 from ._backend import (
     BackendConnection as BackendConnection,
     BackendConnector as BackendConnector,
+    ElectRequest as ElectRequest,
     LeaderInfo as LeaderInfo,
+    LeaseTable as LeaseTable,
     PeerBackend as PeerBackend,
+    ReleaseOutcome as ReleaseOutcome,
+    ReleaseRequest as ReleaseRequest,
+    SessionBackend as SessionBackend,
+    SessionConnection as SessionConnection,
+    SessionConnector as SessionConnector,
+    SessionSettings as SessionSettings,
 )
 from ._cell import LeadershipChange as LeadershipChange, LeadershipChannel as LeadershipChannel
 from ._config import PeerConfig as PeerConfig
@@ -42,7 +50,12 @@ from ._peer import (
     Peer as Peer,
     PeerStatistics as PeerStatistics,
     current_term as current_term,
+)
+from ._session import (
+    PeerSession as PeerSession,
+    SessionStatistics as SessionStatistics,
     open_peer as open_peer,
+    open_session as open_session,
 )
 from ._util import fixup_module_metadata as _fixup_module_metadata
 
@@ -52,6 +65,7 @@ __all__ = [
     "BackendConnector",
     "BackendMisconfigured",
     "BackendUnavailable",
+    "ElectRequest",
     "ElectionOutcome",
     "ElectionRound",
     "EventHook",
@@ -64,14 +78,23 @@ __all__ = [
     "LeadershipGained",
     "LeadershipLost",
     "LeaseReleased",
+    "LeaseTable",
     "NotificationReceived",
     "Peer",
     "PeerBackend",
     "PeerConfig",
     "PeerError",
     "PeerEvent",
+    "PeerSession",
     "PeerStatistics",
+    "ReleaseOutcome",
+    "ReleaseRequest",
     "SchemaError",
+    "SessionBackend",
+    "SessionConnection",
+    "SessionConnector",
+    "SessionSettings",
+    "SessionStatistics",
     "TableMissing",
     "TenureLost",
     "TrioPeersInternalError",
@@ -79,6 +102,7 @@ __all__ = [
     "current_term",
     "migrate",
     "open_peer",
+    "open_session",
 ]
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Final, TypeVar, cast, final
 
@@ -31,7 +31,18 @@ import attrs
 import trio
 import trio_asyncio
 
-from ._backend import BackendConnection, BackendConnector, LeaderInfo
+from ._backend import (
+    BackendConnection,
+    BackendConnector,
+    ElectRequest,
+    LeaderInfo,
+    LeaseTable,
+    ReleaseOutcome,
+    ReleaseRequest,
+    SessionConnection,
+    SessionConnector,
+    SessionSettings,
+)
 from ._config import PeerConfig, check_identifier
 from ._core import ElectionOutcome, down_payload
 from ._dsn import HostPort, MultiHostDSN, parse_multihost
@@ -44,7 +55,7 @@ from ._exceptions import (
 )
 from ._fence import Fence
 from ._position import POSITION_QUERY, ServerPosition
-from ._sql import MIGRATE_LOCK_KEY, Statements, shape_problems
+from ._sql import MIGRATE_LOCK_KEY, Statements, shape_problems, unlogged_warning
 from ._util import raise_single
 
 if TYPE_CHECKING:
@@ -359,17 +370,6 @@ async def _aio_check_table(conn: Connection, sql: Statements, limit: float) -> b
     return unlogged
 
 
-def unlogged_warning(sql: Statements) -> str:
-    """What a peer logs (once) about an UNLOGGED lease table: the guarantee lost and the fix."""
-    return (
-        f"the lease table {sql.prefix}.{sql.table} is UNLOGGED: PostgreSQL empties it after "
-        "a crash and a failover, so fencing terms can start again from 1 and a new leader "
-        "can be elected while the old one still trusts its lease (the term and single-leader "
-        f"guarantees do not hold across a crash). Make it logged: ALTER TABLE {sql.qualified} "
-        "SET LOGGED"
-    )
-
-
 @final
 @attrs.frozen
 class _Prepared:
@@ -571,7 +571,230 @@ class AsyncpgBackend:
             yield AsyncpgConnector(config, loop)
 
     def open(self, config: PeerConfig) -> AbstractAsyncContextManager[BackendConnector]:
+        """One peer's own connections (the per-peer protocol; :func:`~trio_peers.open_peer`
+        uses :meth:`open_session` instead)."""
         return self._open(config)
+
+    @asynccontextmanager
+    async def _open_session(self, settings: SessionSettings) -> AsyncIterator[SessionConnector]:
+        async with open_asyncio_loop() as loop:
+            yield AsyncpgSessionConnector(settings, loop)
+
+    def open_session(
+        self, settings: SessionSettings
+    ) -> AbstractAsyncContextManager[SessionConnector]:
+        """A session's loop; its connector opens the session's one connection."""
+        return self._open_session(settings)
+
+
+# ---------------------------------------------------------------------- sessions
+
+
+@final
+@attrs.frozen
+class _TablePrepared:
+    sql: Statements
+    elect: PreparedStatement | None
+    elect_many: PreparedStatement | None
+    release_many: PreparedStatement | None
+
+
+async def _aio_prepare_table(
+    conn: Connection,
+    sql: Statements,
+    channel: str | None,
+    on_notify: Callable[[object, int, str, object], None],
+    limit: float,
+) -> tuple[_TablePrepared, bool]:
+    """asyncio-flavoured: check a table; with a channel, prepare its statements and LISTEN."""
+    unlogged = await _aio_check_table(conn, sql, limit)
+    if channel is None:
+        return _TablePrepared(sql, None, None, None), unlogged
+    elect = await conn.prepare(sql.elect, timeout=limit)
+    elect_many = await conn.prepare(sql.elect_many, timeout=limit)
+    release_many = await conn.prepare(sql.release_many, timeout=limit)
+    await conn.add_listener(channel, on_notify)
+    return _TablePrepared(sql, elect, elect_many, release_many), unlogged
+
+
+async def _aio_session_connect(
+    settings: SessionSettings, on_terminate: Callable[[object], None]
+) -> Connection:
+    """asyncio-flavoured: open a session's connection."""
+    conn = await _aio_connect(
+        settings.dsn, settings.connect_timeout, statement_cache=settings.listen
+    )
+    conn.add_termination_listener(on_terminate)
+    return conn
+
+
+def _outcome(row: Record) -> ElectionOutcome:
+    won: int | None = row["won_term"]
+    if won is not None:
+        return ElectionOutcome(term=won, lease_remaining=row["won_remaining"])
+    return ElectionOutcome(
+        term=None,
+        holder_node=row["holder_node"],
+        holder_term=row["holder_term"],
+        holder_remaining=row["holder_remaining"],
+        busy=row["busy"],
+    )
+
+
+@final
+class AsyncpgSessionConnection:
+    """Trio-flavoured: the one connection of a session, for many names and tables."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        settings: SessionSettings,
+        loop: asyncio.AbstractEventLoop,
+        on_notify: Callable[[object, int, str, object], None],
+    ) -> None:
+        self._conn = conn
+        self._settings = settings
+        self._loop = loop
+        self._on_notify = on_notify
+        self._tables: dict[LeaseTable, _TablePrepared] = {}
+
+    def _table(self, table: LeaseTable) -> _TablePrepared:
+        prepared = self._tables.get(table)
+        if prepared is None:  # the session prepares every table before using it
+            raise RuntimeError(f"table {table} was not prepared on this connection")
+        return prepared
+
+    async def prepare(self, table: LeaseTable, *, statement_timeout: float) -> bool:
+        sql = Statements(table.prefix, table.table)
+        channel = table.channel if self._settings.listen else None
+        with _mapped():
+            prepared, unlogged = await _aio(_aio_prepare_table, self._loop)(
+                self._conn, sql, channel, self._on_notify, statement_timeout
+            )
+        self._tables[table] = prepared
+        return unlogged
+
+    async def elect(
+        self, table: LeaseTable, requests: Sequence[ElectRequest], *, statement_timeout: float
+    ) -> list[ElectionOutcome]:
+        prepared = self._table(table)
+        if len(requests) == 1:  # the single-name statement is the quicker one
+            (r,) = requests
+            args: tuple[object, ...] = (
+                r.name,
+                r.node,
+                datetime.timedelta(seconds=r.lease),
+                r.held_term,
+            )
+            with _mapped():
+                if prepared.elect is not None:
+                    row = await _aio(prepared.elect.fetchrow, self._loop)(
+                        *args, timeout=statement_timeout
+                    )
+                else:
+                    row = await _aio(self._conn.fetchrow, self._loop)(
+                        prepared.sql.elect, *args, timeout=statement_timeout
+                    )
+            if row is None:  # pragma: no cover - the SELECT always returns one row
+                raise BackendUnavailable("election statement returned no row")
+            return [_outcome(row)]
+        args = (
+            [r.name for r in requests],
+            [r.node for r in requests],
+            [r.lease for r in requests],
+            [r.held_term for r in requests],
+        )
+        with _mapped():
+            if prepared.elect_many is not None:
+                rows = await _aio(prepared.elect_many.fetch, self._loop)(
+                    *args, timeout=statement_timeout
+                )
+            else:
+                rows = await _aio(self._conn.fetch, self._loop)(
+                    prepared.sql.elect_many, *args, timeout=statement_timeout
+                )
+        by_name = {row["name"]: row for row in rows}
+        return [_outcome(by_name[r.name]) for r in requests]
+
+    async def release(
+        self,
+        table: LeaseTable,
+        requests: Sequence[ReleaseRequest],
+        *,
+        sender: str,
+        statement_timeout: float,
+    ) -> list[ReleaseOutcome]:
+        prepared = self._table(table)
+        args = (
+            [r.name for r in requests],
+            [r.node for r in requests],
+            [r.term for r in requests],
+            table.channel,
+            sender,
+        )
+        with _mapped():
+            if prepared.release_many is not None:
+                rows = await _aio(prepared.release_many.fetch, self._loop)(
+                    *args, timeout=statement_timeout
+                )
+            else:
+                rows = await _aio(self._conn.fetch, self._loop)(
+                    prepared.sql.release_many, *args, timeout=statement_timeout
+                )
+        by_name = {row["name"]: row for row in rows}
+        return [
+            ReleaseOutcome(released=by_name[r.name]["released"], busy=by_name[r.name]["busy"])
+            for r in requests
+        ]
+
+    async def get_leaders(
+        self, table: LeaseTable, names: Sequence[str], *, statement_timeout: float
+    ) -> dict[str, LeaderInfo]:
+        prepared = self._table(table)
+        with _mapped():
+            rows: list[Record] = await _aio(self._conn.fetch, self._loop)(
+                prepared.sql.get_leaders, list(names), timeout=statement_timeout
+            )
+        return {row["name"]: _leader_info(row) for row in rows}
+
+    async def aclose(self) -> None:
+        with _mapped():
+            await _aio(self._conn.close, self._loop)()
+
+    def abort(self) -> None:
+        self._conn.terminate()
+
+
+@final
+class AsyncpgSessionConnector:
+    """Trio-flavoured: opens a session's connection inside its trio-asyncio loop."""
+
+    def __init__(self, settings: SessionSettings, loop: asyncio.AbstractEventLoop) -> None:
+        self._settings = settings
+        self._loop = loop
+
+    async def connect(
+        self,
+        *,
+        on_notification: Callable[[str, str], None],
+        on_lost: Callable[[], None],
+    ) -> SessionConnection:
+        def on_notify(_conn: object, _pid: int, channel: str, payload: object) -> None:
+            # Runs in the loop's callback; MUST NOT raise (pitfall P1).
+            try:
+                on_notification(channel, str(payload))
+            except Exception:  # pragma: no cover - on_notification never raises
+                log.exception("trio-peers notification callback failed")
+
+        def on_terminate(_conn: object) -> None:
+            try:
+                on_lost()
+            except Exception:  # pragma: no cover
+                log.exception("trio-peers connection-lost callback failed")
+
+        with _mapped(connecting=True):
+            conn = await _aio(_aio_session_connect, self._loop)(self._settings, on_terminate)
+        return AsyncpgSessionConnection(conn, self._settings, self._loop, on_notify)
 
 
 @asynccontextmanager

@@ -20,13 +20,13 @@ Errors a backend raises, and what the shell does with them:
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, final
+from typing import Protocol, final, runtime_checkable
 
 import attrs
 
-from ._config import PeerConfig
+from ._config import PeerConfig, channel_for
 from ._core import ElectionOutcome
 
 
@@ -109,4 +109,138 @@ class PeerBackend(Protocol):
 
     def open(self, config: PeerConfig) -> AbstractAsyncContextManager[BackendConnector]:
         """Resources a peer needs for its lifetime (e.g. the asyncio loop for asyncpg)."""
+        ...
+
+
+# ---------------------------------------------------------------------- sessions
+
+
+@final
+@attrs.frozen
+class LeaseTable:
+    """One lease table, ``prefix.table``, as sessions address it. Both are validated
+    identifiers (see :class:`~trio_peers.PeerConfig`)."""
+
+    prefix: str
+    table: str
+
+    @property
+    def channel(self) -> str:
+        """The table's NOTIFY channel."""
+        return channel_for(self.prefix, self.table)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ElectRequest:
+    """One name's part of a batched election: the same inputs as :meth:`BackendConnection.elect`."""
+
+    name: str
+    node: str
+    lease: float
+    """The lease length to grant, in seconds (the name's ``interval``)."""
+    held_term: int | None
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ReleaseRequest:
+    """One name's part of a batched release."""
+
+    name: str
+    node: str
+    term: int
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ReleaseOutcome:
+    """What a batched release did for one name."""
+
+    released: bool
+    """The tenure was live and is now expired (and announced)."""
+    busy: bool = False
+    """The row was locked by another transaction: nothing changed; retry."""
+
+
+@final
+@attrs.frozen(kw_only=True)
+class SessionSettings:
+    """The connection-level settings of a session (see :func:`~trio_peers.open_session`)."""
+
+    dsn: str = attrs.field(repr=False)
+    listen: bool = True
+    connect_timeout: float = 10.0
+
+
+class SessionConnection(Protocol):
+    """The one connection of a :class:`~trio_peers.PeerSession`. Trio-flavoured.
+
+    Every method takes many names of one table at once; results come back in the order
+    of the requests. Errors are those of :class:`BackendConnection`. The session treats
+    :exc:`~trio_peers.TableMissing`, :exc:`~trio_peers.SchemaError` and
+    :exc:`~trio_peers.BackendMisconfigured` as a problem of that table's names only, and
+    anything else as the connection's.
+    """
+
+    async def prepare(self, table: LeaseTable, *, statement_timeout: float) -> bool:
+        """Check ``table``'s shape (and, with ``listen``, prepare its statements and LISTEN
+        on its channel) on this connection. Returns True if the table is UNLOGGED."""
+        ...
+
+    async def elect(
+        self, table: LeaseTable, requests: Sequence[ElectRequest], *, statement_timeout: float
+    ) -> list[ElectionOutcome]:
+        """One election round for each request (distinct names), as one atomic statement."""
+        ...
+
+    async def release(
+        self,
+        table: LeaseTable,
+        requests: Sequence[ReleaseRequest],
+        *,
+        sender: str,
+        statement_timeout: float,
+    ) -> list[ReleaseOutcome]:
+        """Release each tenure (distinct names) and NOTIFY the released ones, atomically."""
+        ...
+
+    async def get_leaders(
+        self, table: LeaseTable, names: Sequence[str], *, statement_timeout: float
+    ) -> dict[str, LeaderInfo]:
+        """The unexpired leases among ``names``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close gracefully. The caller bounds it with a timeout and falls back to :meth:`abort`."""
+        ...
+
+    def abort(self) -> None:
+        """Close at once, without waiting. Sync; never blocks; idempotent."""
+        ...
+
+
+class SessionConnector(Protocol):
+    """Opens the connection of one session (again after it is lost)."""
+
+    async def connect(
+        self,
+        *,
+        on_notification: Callable[[str, str], None],
+        on_lost: Callable[[], None],
+    ) -> SessionConnection:
+        """Open a connection. ``on_notification(channel, payload)`` is called for each
+        NOTIFY on a channel :meth:`SessionConnection.prepare` listens on, ``on_lost()`` when
+        the connection drops; both sync, in the Trio thread, never raising."""
+        ...
+
+
+@runtime_checkable
+class SessionBackend(Protocol):
+    """A lease store that serves sessions: many names over one connection."""
+
+    def open_session(
+        self, settings: SessionSettings
+    ) -> AbstractAsyncContextManager[SessionConnector]:
+        """Resources a session needs for its lifetime (e.g. the asyncio loop for asyncpg)."""
         ...

@@ -53,6 +53,8 @@ EXPIRY_SLACK_FRACTION: Final = 0.002
 #: Backoff after failed rounds: ``min(interval * BACKOFF_CAP, base * 2**(n-1))``,
 #: times a random factor in ``[0.5, 1]``, with ``base = min(0.05, interval / 20)``.
 BACKOFF_CAP: Final = 0.5
+#: A periodic round may run up to this fraction of its period early, to share a batch.
+ALIGN_FRACTION: Final = 0.25
 
 
 class CoreError(Exception):
@@ -128,6 +130,7 @@ class ElectionCore:
         trust_margin: float,
         statement_timeout: float,
         max_clock_drift: float = 0.0,
+        queue_wait: float = 0.0,
         rng: random.Random | None = None,
     ) -> None:
         if not (interval > 0 and leader_boost >= 1 and 0 <= trust_margin < interval):
@@ -139,6 +142,14 @@ class ElectionCore:
         self.trust_margin = trust_margin
         self.statement_timeout = statement_timeout
         self.max_clock_drift = max_clock_drift
+        if not 0 <= queue_wait < interval:
+            raise CoreError("queue_wait must be in [0, interval)")
+        #: Longest a round may wait for the connection before its statement is sent (a
+        #: batch of other names in flight on a shared session connection): a renewal is
+        #: scheduled early enough to wait that long, time out, and still be retried.
+        self.queue_wait = queue_wait
+        self._align_from = math.inf
+        self._align_for = math.nan
         self._rng = rng if rng is not None else random.Random()
         self.tenure: Tenure | None = None
         self.next_round_at: float = -math.inf
@@ -151,6 +162,7 @@ class ElectionCore:
         self._resigned_term = 0
         self._resign_requested = False
         self._pending_release: int | None = None
+        self._last_poll = math.nan
 
     # ------------------------------------------------------------------ queries
 
@@ -211,15 +223,22 @@ class ElectionCore:
         self.busy_rounds = 0
         if outcome.term is None:
             self.tenure = None
-            self.next_round_at = now if wake else self._follower_next(start, now, outcome)
+            if wake:
+                self.next_round_at = now
+            else:
+                self.next_round_at = self._follower_next(start, now, outcome)
+                if self.next_round_at == self._last_poll:
+                    self._alignable(self.next_round_at - ALIGN_FRACTION * self.interval)
             self._resign_requested = False  # nothing left to give up
             return Change.LOST if before is not None else Change.DENIED
         assert outcome.lease_remaining is not None
         trusted_until = start + outcome.lease_remaining - self.trust_margin
         self.tenure = Tenure(outcome.term, trusted_until)
-        cap = (trusted_until - start) - self.statement_timeout
-        delay = min(jitter(self.interval / self.leader_boost, self._rng), cap)
-        self.next_round_at = start + max(delay, 0.0)
+        cap = (trusted_until - start) - self.statement_timeout - self.queue_wait
+        base = self.interval / self.leader_boost
+        delay = max(min(jitter(base, self._rng), cap), 0.0)
+        self.next_round_at = start + delay
+        self._alignable(start + max(delay - ALIGN_FRACTION * base, 0.0))
         if before is None:
             change = Change.GAINED
         elif before.term != outcome.term:
@@ -235,7 +254,7 @@ class ElectionCore:
         self.busy_rounds += 1
         retry = now + self.backoff(self.busy_rounds)
         if self.tenure is not None:
-            last_chance = self.tenure.trusted_until - self.statement_timeout
+            last_chance = self.tenure.trusted_until - self.statement_timeout - self.queue_wait
             if now < last_chance:
                 retry = min(retry, last_chance)
         self.next_round_at = retry
@@ -384,6 +403,26 @@ class ElectionCore:
 
     # ------------------------------------------------------------------ schedule
 
+    def _alignable(self, earliest: float) -> None:
+        """The round now scheduled at :attr:`next_round_at` may run as early as ``earliest``."""
+        self._align_from = earliest
+        self._align_for = self.next_round_at
+
+    @property
+    def next_round_earliest(self) -> float:
+        """The earliest time the next round may run without changing its meaning.
+
+        A periodic round (a leader's renewal, a follower's poll) may run up to
+        :data:`ALIGN_FRACTION` of its period early: renewing early only renews, polling
+        early only reads. A session moves such rounds of many names onto shared instants
+        (:func:`aligned_wake`) so that they run as one batch. Every other round (a
+        follower waking at the holder's expiry, a retry after backoff, a wake-up) must
+        run when scheduled: then this is :attr:`next_round_at`.
+        """
+        if self._align_for == self.next_round_at:
+            return min(self._align_from, self.next_round_at)
+        return self.next_round_at
+
     def backoff(self, failures: int) -> float:
         """Delay before the next round after ``failures`` consecutive failed rounds."""
         exp = min(failures - 1, 60)
@@ -391,7 +430,7 @@ class ElectionCore:
         return raw * (0.5 + 0.5 * self._rng.random())
 
     def _follower_next(self, start: float, now: float, outcome: ElectionOutcome) -> float:
-        poll = start + jitter(self.interval, self._rng)
+        poll = self._last_poll = start + jitter(self.interval, self._rng)
         if outcome.holder_remaining is None:
             if outcome.holder_term is None:
                 # Denied, yet no live holder was visible: the row changed while
@@ -410,6 +449,20 @@ class ElectionCore:
             raise CoreError("time went backwards")
         self.round_started_at = None
         return start
+
+
+def aligned_wake(due: float, earliest: float) -> float:
+    """When to run a round due at ``due`` that may run as early as ``earliest``.
+
+    The latest point at or before ``due`` of a grid whose step is the largest power of
+    two not above ``due - earliest``. Rounds of many names thus land on few shared
+    instants (their grids nest, whatever their intervals) and run as one batch. Pure.
+    """
+    room = due - earliest
+    if not room > 0 or not math.isfinite(due):
+        return due
+    step = 2.0 ** math.floor(math.log2(room))
+    return max(math.floor(due / step) * step, earliest)
 
 
 # ---------------------------------------------------------------------- notifications
@@ -444,3 +497,34 @@ def parse_notification(payload: str) -> Down | None:
     if term is not None and (isinstance(term, bool) or not isinstance(term, int)):
         return None
     return Down(name=name, term=term, sender=sender)
+
+
+def parse_downs(payload: str) -> list[Down] | None:
+    """Parse a NOTIFY payload into the releases it announces; ``None`` if it is malformed.
+
+    Two forms exist: one name (``{"down": name, "term": t, "sender": s}``, see
+    :func:`down_payload`), and many names released by one statement of a session
+    (``{"downs": [[name, term], ...], "sender": s}``, built in SQL in chunks that keep
+    each payload under PostgreSQL's 8000 bytes). Never raises.
+    """
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "downs" not in data:
+        one = parse_notification(payload)
+        return None if one is None else [one]
+    entries, sender = data.get("downs"), data.get("sender")
+    if not isinstance(entries, list) or not isinstance(sender, str):
+        return None
+    downs: list[Down] = []
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2):
+            return None
+        name, term = entry
+        if not isinstance(name, str) or isinstance(term, bool) or not isinstance(term, int):
+            return None
+        downs.append(Down(name=name, term=term, sender=sender))
+    return downs

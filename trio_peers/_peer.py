@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Final, Literal, TypeVarTuple, Unpack, final
 import attrs
 import trio
 
-from ._backend import BackendConnection, BackendConnector, LeaderInfo, PeerBackend
+from ._backend import BackendConnection, BackendConnector, LeaderInfo
 from ._cell import LeadershipCell, LeadershipChannel
 from ._config import PeerConfig
-from ._core import Change, ElectionCore, parse_notification
+from ._core import Change, Down, ElectionCore, parse_notification
 from ._events import (
     ElectionRound,
     EventHook,
@@ -214,7 +214,15 @@ class Peer(metaclass=NoPublicConstructor):
     .. versionadded:: 0.1
     """
 
-    def __init__(self, config: PeerConfig, on_event: EventHook | None = None) -> None:
+    def __init__(
+        self,
+        config: PeerConfig,
+        on_event: EventHook | None = None,
+        *,
+        sender: str | None = None,
+        queue_wait: float = 0.0,
+        aligner: Callable[[float, float], float] | None = None,
+    ) -> None:
         now = trio.current_time()
         self._config = config
         self._on_event = on_event
@@ -225,10 +233,13 @@ class Peer(metaclass=NoPublicConstructor):
             trust_margin=config.trust_margin,
             statement_timeout=config.effective_statement_timeout,
             max_clock_drift=config.max_clock_drift,
+            queue_wait=queue_wait,
         )
+        self._queue_wait = queue_wait
+        self._aligner = aligner
         self._cell = LeadershipCell(config.name, config.node, now)
         self._statements = Statements(config.prefix, config.table)
-        self._sender = secrets.token_hex(8)
+        self._sender = sender if sender is not None else secrets.token_hex(8)
         self._connector: BackendConnector | None = None
         self._conn: BackendConnection | None = None
         self._conn_gen = 0
@@ -813,7 +824,7 @@ class Peer(metaclass=NoPublicConstructor):
         error: BaseException | None = None
         try:
             conn = await self._ensure_connection()
-            with trio.fail_after(st + _GUARD_SLACK):
+            with trio.fail_after(st + self._queue_wait + _GUARD_SLACK):
                 outcome = await conn.elect(node=self.node, held_term=held, statement_timeout=st)
         except TableMissing as exc:
             finished, error = True, exc
@@ -912,10 +923,14 @@ class Peer(metaclass=NoPublicConstructor):
 
     async def _sleep_until_next_round(self) -> None:
         while True:
-            if self._core.next_round_at <= trio.current_time():
+            wake_at = self._core.next_round_at
+            if self._aligner is not None:
+                # A session moves periodic rounds onto instants shared with other names.
+                wake_at = self._aligner(wake_at, self._core.next_round_earliest)
+            if wake_at <= trio.current_time():
                 return  # noqa: ASYNC910 - due now; the round awaits right after
             self._resched = trio.Event()
-            with trio.move_on_at(self._core.next_round_at):
+            with trio.move_on_at(wake_at):
                 await self._resched.wait()
                 continue  # the schedule changed: look again
             return
@@ -931,13 +946,21 @@ class Peer(metaclass=NoPublicConstructor):
                 self._handle_payload(self._payloads.popleft())
 
     def _handle_payload(self, payload: str) -> None:
-        self._counters.notifications_received += 1
         down = parse_notification(payload)
+        if down is None:
+            log.debug("trio-peers %s: ignoring malformed notification %.200r", self.name, payload)
+        self._handle_down(down)
+
+    def _handle_down(self, down: Down | None) -> None:
+        """A notification on the channel: a release (of any name), or ``None`` if malformed.
+
+        Sync: a session calls it for each release its one listener parsed.
+        """
+        self._counters.notifications_received += 1
         kind: NotificationKind = "down"
         if down is None:
             kind = "malformed"
             self._counters.notifications_ignored += 1
-            log.debug("trio-peers %s: ignoring malformed notification %.200r", self.name, payload)
         elif down.name != self.name or down.sender == self._sender:
             kind = "ignored"
             self._counters.notifications_ignored += 1
@@ -968,7 +991,7 @@ class Peer(metaclass=NoPublicConstructor):
 
     async def _serve(
         self,
-        backend: PeerBackend,
+        open_connector: Callable[[], AbstractAsyncContextManager[BackendConnector]],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -979,7 +1002,7 @@ class Peer(metaclass=NoPublicConstructor):
         user's ``async with`` body.
         """
         try:
-            async with self._open_backend(backend) as connector, trio.open_nursery() as nursery:
+            async with open_connector() as connector, trio.open_nursery() as nursery:
                 self._connector = connector
                 self._nursery = nursery
                 try:
@@ -994,9 +1017,6 @@ class Peer(metaclass=NoPublicConstructor):
                     nursery.cancel_scope.cancel()
         finally:
             self._served.set()
-
-    def _open_backend(self, backend: PeerBackend) -> AbstractAsyncContextManager[BackendConnector]:
-        return backend.open(self._config)
 
     async def _release(self, term: int) -> bool:
         """Release ``term`` (caller holds the connection lock). Never raises for faults."""
@@ -1132,61 +1152,23 @@ def _shutdown_bound(config: PeerConfig) -> float:
     return 3 * config.cleanup_timeout + config.effective_statement_timeout + 1.0
 
 
-@asynccontextmanager
-async def open_peer(
-    config: PeerConfig,
-    *,
-    backend: PeerBackend | None = None,
-    on_event: EventHook | None = None,
-) -> AsyncIterator[Peer]:
-    """Join the election for ``config.name``; leave it (releasing any lease) on exit.
-
-    ``async with open_peer(config) as peer:``
-
-    **Entry blocks** until the first election round has finished, so
-    ``peer.is_leader`` is meaningful on the first line of the body. If the
-    database cannot be reached at entry (refused, timed out, starting up),
-    entry still succeeds with the peer as follower, and it keeps retrying in
-    the background. A permanent misconfiguration raises from entry.
-
-    **Exit blocks** for a bounded time, also when the surrounding scope is
-    cancelled: it cancels and awaits leader-only work, stops the election
-    loop, and if this peer holds a lease it releases it and sends NOTIFY in one
-    statement (under ``cleanup_timeout``), then closes the connection. An
-    exception from the body propagates as itself, not wrapped in an
-    :exc:`ExceptionGroup`.
-
-    Args:
-      config: The peer's settings.
-      backend: The lease store. Default: PostgreSQL through asyncpg
-        (:class:`trio_peers.AsyncpgBackend`). Tests can pass
-        :class:`trio_peers.testing.MemoryBackend`.
-      on_event: An :data:`~trio_peers.EventHook`: a sync function called with each of the
-        peer's events (rounds, leadership, faults, notifications, releases), for metrics;
-        see :doc:`/howto/metrics`. It must not block; what it raises is logged (at most
-        once a minute) and ignored. Without it, no event is built.
-
-    Raises:
-      BackendMisconfigured: invalid DSN, failed authentication, missing database.
-      SchemaError: the lease table exists but has the wrong shape.
-
-    .. versionadded:: 0.1
-    """
-    if not isinstance(config, PeerConfig):
-        raise TypeError(f"config must be a PeerConfig, got {type(config).__name__}")
-    if backend is None:
-        from ._asyncpg import AsyncpgBackend
-
-        backend = AsyncpgBackend()
+def check_event_hook(on_event: object) -> None:
     if on_event is not None and not callable(on_event):
         raise TypeError(f"on_event must be a callable (an EventHook), got {on_event!r}")
-    peer = Peer._create(config, on_event)
+
+
+@asynccontextmanager
+async def run_peer(
+    peer: Peer, open_connector: Callable[[], AbstractAsyncContextManager[BackendConnector]]
+) -> AsyncIterator[Peer]:
+    """Serve ``peer`` for the ``async with`` body: entry and exit as :func:`open_peer` says."""
+    config = peer.config
     # What the body raises is kept out of the nursery (which would wrap it in a group,
     # and split a group the body raised) and re-raised as itself afterwards.
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(peer._serve, backend)
+            await nursery.start(peer._serve, open_connector)
             try:
                 yield peer
             except BaseException as exc:

@@ -196,6 +196,76 @@ FROM released, (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 """
 
     @property
+    def release_many(self) -> str:
+        # Many names in one statement: the batched form of `release`, for sessions
+        # (docs/protocol.rst, "Batched elections"). $1 names, $2 nodes, $3 terms (arrays of
+        # one length, distinct names), $4 channel, $5 sender.
+        #
+        # Per name, the same rule as `release`: expire exactly this tenure, if unexpired.
+        # Unlike `release`, a row locked by another transaction is not waited for (SKIP
+        # LOCKED, in name order): it is reported busy, so one name's locked row cannot hold
+        # up the others; the caller retries it. The released names are announced in
+        # chunks of at most about 6000 bytes of JSON (a NOTIFY payload is limited to 8000
+        # bytes, and a name to 512 bytes, 1024 once escaped), one NOTIFY per chunk; a
+        # chunk of one name uses the single-name payload of `release`.
+        t = self.qualified
+        return f"""
+WITH req AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) AS r(name, node, term)
+),
+held AS (
+    SELECT t.name FROM {t} AS t JOIN req AS r
+        ON t.name = r.name AND t.node = r.node AND t.term = r.term AND t.expires_at > now()
+),
+locked AS (
+    SELECT t.name FROM {t} AS t JOIN held USING (name)
+    ORDER BY t.name FOR UPDATE OF t SKIP LOCKED
+),
+released AS (
+    UPDATE {t} AS t SET expires_at = now()
+    FROM req AS r
+    WHERE t.name = r.name AND t.node = r.node AND t.term = r.term AND t.expires_at > now()
+      AND t.name IN (SELECT name FROM locked)
+    RETURNING t.name, t.term
+),
+chunked AS (
+    SELECT name, term,
+           (sum(octet_length(to_json(name)::text) + 24) OVER (ORDER BY name)
+            - octet_length(to_json(name)::text) - 24) / 6000 AS chunk
+    FROM released
+),
+notified AS (
+    SELECT pg_notify($4::text, CASE
+        WHEN count(*) = 1 THEN
+            '{{"down":' || to_json(min(name))::text || ',"term":' || min(term)
+            || ',"sender":' || to_json($5::text)::text || '}}'
+        ELSE
+            '{{"downs":[' || string_agg('[' || to_json(name)::text || ',' || term || ']', ','
+                                       ORDER BY name)
+            || '],"sender":' || to_json($5::text)::text || '}}'
+        END)
+    FROM chunked GROUP BY chunk
+)
+SELECT r.name,
+       rel.name IS NOT NULL AS released,
+       (rel.name IS NULL AND r.name IN (SELECT name FROM held)
+        AND r.name NOT IN (SELECT name FROM locked)) AS busy
+FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
+CROSS JOIN (SELECT count(*) FROM notified) AS n
+CROSS JOIN req AS r
+LEFT JOIN released AS rel USING (name)
+ORDER BY r.name
+"""
+
+    @property
+    def get_leaders(self) -> str:
+        # $1 names: the unexpired leases among them.
+        return (
+            f"SELECT name, node, term, started_at, expires_at FROM {self.qualified} "
+            "WHERE name = ANY($1::text[]) AND expires_at > now()"
+        )
+
+    @property
     def fence(self) -> str:
         # $1 name, $2 node, $3 term. Run by the application inside its own transaction
         # (docs/protocol.rst, "Fences"). clock_timestamp(): the statement's own time, not
@@ -276,3 +346,14 @@ def shape_problems(columns: list[str], pkey: list[str]) -> list[str]:
             + (f", not ({', '.join(pkey)})" if pkey else "")
         )
     return problems
+
+
+def unlogged_warning(sql: Statements) -> str:
+    """What a peer logs (once) about an UNLOGGED lease table: the guarantee lost and the fix."""
+    return (
+        f"the lease table {sql.prefix}.{sql.table} is UNLOGGED: PostgreSQL empties it after "
+        "a crash and a failover, so fencing terms can start again from 1 and a new leader "
+        "can be elected while the old one still trusts its lease (the term and single-leader "
+        f"guarantees do not hold across a crash). Make it logged: ALTER TABLE {sql.qualified} "
+        "SET LOGGED"
+    )

@@ -37,7 +37,7 @@ import trio
 from .._cell import LeadershipChannel
 from .._config import PeerConfig
 from .._exceptions import PeerError
-from .._peer import open_peer
+from .._session import open_peer
 
 EXIT_CANNOT_RUN: Final = 4
 

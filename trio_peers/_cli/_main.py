@@ -230,8 +230,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             _out(line)
         _out("(times from the database clock; an expired lease means no leader)")
     if unlogged and unlogged[0]:
-        from .._asyncpg import unlogged_warning
-        from .._sql import Statements
+        from .._sql import Statements, unlogged_warning
 
         # On stderr, so that --json output stays machine-readable.
         _out(f"warning: {unlogged_warning(Statements(prefix, table))}", stream=sys.stderr)

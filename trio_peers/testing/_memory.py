@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator, Callable
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final, final
 
 import attrs
 import trio
 
-from .._backend import BackendConnection, BackendConnector, LeaderInfo
+from .._backend import (
+    BackendConnection,
+    BackendConnector,
+    ElectRequest,
+    LeaderInfo,
+    LeaseTable,
+    ReleaseOutcome,
+    ReleaseRequest,
+    SessionConnection,
+    SessionConnector,
+    SessionSettings,
+)
 from .._config import PeerConfig
 from .._core import ElectionOutcome, down_payload
 from .._exceptions import BackendUnavailable, TableMissing
@@ -92,7 +104,7 @@ class MemoryBackend:
         """``(prefix, table, name)`` of rows held locked by "another transaction"."""
         # Insertion-ordered (a dict used as a set), so NOTIFY delivery order and
         # everything that follows from it replay exactly under a seeded test.
-        self._connections: dict[_MemoryConnection, None] = {}
+        self._connections: dict[_MemoryConnection | _MemorySessionConnection, None] = {}
 
     # ------------------------------------------------------------------ controls
 
@@ -154,24 +166,43 @@ class MemoryBackend:
         await trio.lowlevel.checkpoint()
         yield _MemoryConnector(self, config)
 
+    def open_session(
+        self, settings: SessionSettings
+    ) -> AbstractAsyncContextManager[SessionConnector]:
+        """The :class:`~trio_peers.SessionBackend` method: sessions (and
+        :func:`~trio_peers.open_peer`) call it. A session holds one connection."""
+        return self._open_session(settings)
+
+    @asynccontextmanager
+    async def _open_session(self, settings: SessionSettings) -> AsyncIterator[SessionConnector]:
+        await trio.lowlevel.checkpoint()
+        yield _MemorySessionConnector(self, settings)
+
     # ------------------------------------------------------------------ statements (sync, atomic)
 
-    def _check(self, config: PeerConfig) -> None:
+    def _check(self, config: PeerConfig | LeaseTable | None) -> None:
         if not self.available:
             raise BackendUnavailable("ConnectionRefusedError: memory backend is down")
-        if (config.prefix, config.table) not in self.tables:
+        if config is not None and (config.prefix, config.table) not in self.tables:
             raise TableMissing(
                 f"the lease table {config.prefix}.{config.table} does not exist: run migrate()"
             )
 
     def elect_now(self, config: PeerConfig, node: str, held_term: int | None) -> ElectionOutcome:
         """One election statement, executed atomically at ``trio.current_time()``."""
+        return self._elect_row(
+            (config.prefix, config.table, config.name), node, config.interval, held_term
+        )
+
+    def _elect_row(
+        self, key: tuple[str, str, str], node: str, lease: float, held_term: int | None
+    ) -> ElectionOutcome:
+        """The lease rules of one name's election (the single and the batched statement)."""
         now = trio.current_time()
-        key = (config.prefix, config.table, config.name)
         row = self.rows.get(key)
         if row is None:
-            self.rows[key] = MemoryRow(node, 1, now, now + config.interval)
-            return ElectionOutcome(term=1, lease_remaining=config.interval)
+            self.rows[key] = MemoryRow(node, 1, now, now + lease)
+            return ElectionOutcome(term=1, lease_remaining=lease)
         may_write = row.expires_at <= now or (row.node == node and row.term == held_term)
         if may_write and key in self.locked_rows:
             # The statement would write this row, but another transaction holds it.
@@ -184,11 +215,11 @@ class MemoryBackend:
                 busy=True,
             )
         if row.expires_at <= now:
-            self.rows[key] = MemoryRow(node, row.term + 1, now, now + config.interval)
-            return ElectionOutcome(term=row.term + 1, lease_remaining=config.interval)
+            self.rows[key] = MemoryRow(node, row.term + 1, now, now + lease)
+            return ElectionOutcome(term=row.term + 1, lease_remaining=lease)
         if row.node == node and row.term == held_term:
-            row.expires_at = now + config.interval
-            return ElectionOutcome(term=row.term, lease_remaining=config.interval)
+            row.expires_at = now + lease
+            return ElectionOutcome(term=row.term, lease_remaining=lease)
         return ElectionOutcome(
             term=None,
             holder_node=row.node,
@@ -206,22 +237,54 @@ class MemoryBackend:
         self.notify(config.channel, down_payload(config.name, term, sender))
         return True
 
+    def release_many_now(
+        self, table: LeaseTable, requests: Sequence[ReleaseRequest], sender: str
+    ) -> list[ReleaseOutcome]:
+        """The batched release: per name as :meth:`release_now`, but a locked row is skipped
+        (busy); the released names are announced in one payload (as ``release_many``)."""
+        now = trio.current_time()
+        outcomes: list[ReleaseOutcome] = []
+        released: list[tuple[str, int]] = []
+        for r in requests:
+            key = (table.prefix, table.table, r.name)
+            row = self.rows.get(key)
+            if row is None or row.node != r.node or row.term != r.term or row.expires_at <= now:
+                outcomes.append(ReleaseOutcome(released=False))
+            elif key in self.locked_rows:
+                outcomes.append(ReleaseOutcome(released=False, busy=True))
+            else:
+                row.expires_at = now
+                released.append((r.name, r.term))
+                outcomes.append(ReleaseOutcome(released=True))
+        if len(released) == 1:
+            self.notify(table.channel, down_payload(released[0][0], released[0][1], sender))
+        elif released:
+            payload = json.dumps(
+                {"downs": [list(item) for item in sorted(released)], "sender": sender},
+                separators=(",", ":"),
+            )
+            self.notify(table.channel, payload)
+        return outcomes
+
     def notify(self, channel: str, payload: str) -> None:
         """Send a NOTIFY to every connection listening on ``channel`` (like ``pg_notify``)."""
         if not self.deliver_notifications:
             return
         for conn in list(self._connections):
-            if conn.listening_on == channel:
-                conn.deliver(payload)
+            if channel in conn.listening:
+                conn.deliver(channel, payload)
 
     def get_leader_now(self, config: PeerConfig) -> LeaderInfo | None:
         """The unexpired lease of ``config.name`` now, as :meth:`Peer.get_leader
         <trio_peers.Peer.get_leader>` reports it (timestamps count from 2000-01-01 UTC)."""
-        row = self.leader(config.name, prefix=config.prefix, table=config.table)
+        return self._leader_info(config.prefix, config.table, config.name)
+
+    def _leader_info(self, prefix: str, table: str, name: str) -> LeaderInfo | None:
+        row = self.leader(name, prefix=prefix, table=table)
         if row is None:
             return None
         return LeaderInfo(
-            name=config.name,
+            name=name,
             node=row.node,
             term=row.term,
             started_at=_stamp(row.started_at),
@@ -261,10 +324,11 @@ class _MemoryConnection:
         self._config = config
         self._on_notification = on_notification
         self._on_lost = on_lost
-        self.listening_on: str | None = config.channel if config.listen else None
+        self.listening: set[str] = {config.channel} if config.listen else set()
         self.closed = False
 
-    def deliver(self, payload: str) -> None:
+    def deliver(self, channel: str, payload: str) -> None:
+        del channel
         if not self.closed:
             self._on_notification(payload)
 
@@ -310,6 +374,121 @@ class _MemoryConnection:
     async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:
         await self._statement(statement_timeout)
         return self._backend.get_leader_now(self._config)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.abort()
+
+    def abort(self) -> None:
+        self.closed = True
+        self._backend._connections.pop(self, None)
+
+
+@final
+class _MemorySessionConnector:
+    def __init__(self, backend: MemoryBackend, settings: SessionSettings) -> None:
+        self._backend = backend
+        self._settings = settings
+
+    async def connect(
+        self,
+        *,
+        on_notification: Callable[[str, str], None],
+        on_lost: Callable[[], None],
+    ) -> SessionConnection:
+        await trio.lowlevel.checkpoint()
+        self._backend._check(None)
+        conn = _MemorySessionConnection(self._backend, self._settings, on_notification, on_lost)
+        self._backend._connections[conn] = None
+        return conn
+
+
+@final
+class _MemorySessionConnection:
+    """A session's one connection to the in-memory store: many names, many tables."""
+
+    def __init__(
+        self,
+        backend: MemoryBackend,
+        settings: SessionSettings,
+        on_notification: Callable[[str, str], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self._backend = backend
+        self._settings = settings
+        self._on_notification = on_notification
+        self._on_lost = on_lost
+        self.listening: set[str] = set()
+        self.closed = False
+
+    def deliver(self, channel: str, payload: str) -> None:
+        if not self.closed:
+            self._on_notification(channel, payload)
+
+    def lose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._backend._connections.pop(self, None)
+            self._on_lost()
+
+    async def _statement(self, table: LeaseTable, limit: float) -> None:
+        """Wait like a statement would; raise like a broken or timed-out one would."""
+        if self.closed:
+            raise BackendUnavailable("InterfaceError: connection is closed")
+        with trio.move_on_after(limit) as scope:
+            if self._backend.hang:
+                await trio.sleep_forever()
+            await trio.sleep(self._backend.statement_delay)
+        if scope.cancelled_caught:
+            raise TimeoutError("statement timed out")
+        if self.closed:
+            raise BackendUnavailable("ConnectionDoesNotExistError: connection was closed")
+        self._backend._check(table)
+        self._backend.statements += 1
+
+    async def _reply(self) -> None:  # noqa: ASYNC910 - always after _statement's wait
+        if self._backend.reply_delay:  # committed; the reply is on its way (cancellable)
+            await trio.sleep(self._backend.reply_delay)
+
+    async def prepare(self, table: LeaseTable, *, statement_timeout: float) -> bool:
+        await self._statement(table, statement_timeout)
+        self._backend.statements -= 1  # a table check, not an election statement
+        if self._settings.listen:
+            self.listening.add(table.channel)
+        return False
+
+    async def elect(
+        self, table: LeaseTable, requests: Sequence[ElectRequest], *, statement_timeout: float
+    ) -> list[ElectionOutcome]:
+        await self._statement(table, statement_timeout)
+        outcomes = [
+            self._backend._elect_row(
+                (table.prefix, table.table, r.name), r.node, r.lease, r.held_term
+            )
+            for r in requests
+        ]
+        await self._reply()
+        return outcomes
+
+    async def release(
+        self,
+        table: LeaseTable,
+        requests: Sequence[ReleaseRequest],
+        *,
+        sender: str,
+        statement_timeout: float,
+    ) -> list[ReleaseOutcome]:
+        await self._statement(table, statement_timeout)
+        outcomes = self._backend.release_many_now(table, requests, sender)
+        await self._reply()
+        return outcomes
+
+    async def get_leaders(
+        self, table: LeaseTable, names: Sequence[str], *, statement_timeout: float
+    ) -> dict[str, LeaderInfo]:
+        await self._statement(table, statement_timeout)
+        found = {n: self._backend._leader_info(table.prefix, table.table, n) for n in names}
+        return {n: info for n, info in found.items() if info is not None}
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()

@@ -1,0 +1,872 @@
+"""Sessions: many names of one process over one connection, with batched statements.
+
+A :class:`PeerSession` owns what its peers share: the backend's resources (the asyncio
+loop, for asyncpg), **one** database connection (elections, releases and LISTEN all run
+on it), one *batcher* task that runs every statement, and one *listener* task that parses
+each notification once and hands each release to the peer of that name. Each peer keeps
+what is its own: its election core, its leadership cell, its leader-only work and its
+loop (:mod:`trio_peers._peer`). A peer talks to the session through a small per-name
+facade that implements the per-peer backend protocol, so the peer cannot tell a
+session's connection from a connection of its own.
+
+Batching. A request (an election round, a release, a ``get_leader``) is queued and the
+batcher wakes. It takes everything queued, and runs, per table, one statement for all
+releases, one for all ``get_leader`` calls and one for all elections (with the single-name
+statement when only one name is due). Requests that arrive while a statement is in
+flight form the next batch. A shared session also lets peers move their periodic rounds
+onto shared instants (:func:`trio_peers._core.aligned_wake`), so that idle names renew in
+a few batches per period instead of one commit each.
+
+Safety stays per name: a peer anchors its trust before it queues its round; a failed
+batch fails the round of every name in it (their trust ends, as after any failed round);
+a waiting round is bounded by its own guard. In a shared session a round may wait behind
+one batch already in flight: the core schedules renewals early enough for that
+(``queue_wait``), and every batch's statement timeout is the smallest of the session's
+names (:attr:`PeerSession.statement_timeout`).
+
+Isolation: a table that is missing or of the wrong shape fails only its names' requests; a
+row locked by another transaction is reported busy for its name only (both statements skip
+locked rows); only a connection-level error drops the connection, and then every name sees
+the connection lost and the session reconnects once for all of them.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Final, Literal, final
+
+import attrs
+import trio
+
+from ._backend import (
+    BackendConnection,
+    BackendConnector,
+    ElectRequest,
+    LeaderInfo,
+    LeaseTable,
+    PeerBackend,
+    ReleaseOutcome,
+    ReleaseRequest,
+    SessionBackend,
+    SessionConnection,
+    SessionConnector,
+    SessionSettings,
+)
+from ._config import PeerConfig, default_node
+from ._core import ElectionOutcome, aligned_wake, parse_downs
+from ._events import EventHook
+from ._exceptions import (
+    BackendMisconfigured,
+    BackendUnavailable,
+    PeerError,
+    SchemaError,
+    TableMissing,
+)
+from ._peer import Peer, check_event_hook, run_peer
+from ._sql import Statements, unlogged_warning
+from ._util import NoPublicConstructor, raise_single
+
+log: Final = logging.getLogger("trio_peers")
+
+#: Most NOTIFY payloads buffered between the backend callback and the session's listener.
+_NOTIFY_BUFFER: Final = 1024
+#: Options of PeerConfig that belong to the session, not to one name.
+_SESSION_FIELDS: Final = frozenset({"dsn", "listen", "connect_timeout"})
+#: First and longest pause between retries of a release whose row another transaction holds.
+_RELEASE_RETRY_FIRST: Final = 0.005
+_RELEASE_RETRY_MAX: Final = 0.1
+
+_Kind = Literal["connect", "release", "leader", "elect"]
+#: The order in which one batch runs its statements: releases first (a handover waits on
+#: them), then reads, then elections.
+_ORDER: Final[dict[_Kind, int]] = {"connect": 0, "release": 1, "leader": 2, "elect": 3}
+
+
+@final
+@attrs.frozen(kw_only=True)
+class SessionStatistics:
+    """A snapshot of a session's counters, from :meth:`PeerSession.statistics`.
+
+    .. versionadded:: 0.2
+    """
+
+    names: int
+    """Peers open in the session now."""
+    connected: bool
+    """Whether the session's connection is open."""
+    connects: int
+    """Connections opened (the first plus reconnects)."""
+    batches: int
+    """Batches run (each one or more statements)."""
+    statements: int
+    """Statements sent (elections, releases and reads; table checks not counted)."""
+    requests: int
+    """Requests served (one per name per round, release or ``get_leader``)."""
+    largest_batch: int
+    """The most requests one statement carried."""
+
+
+@attrs.define(eq=False)
+class _Request:
+    kind: _Kind
+    member: _Member
+    statement_timeout: float
+    elect: ElectRequest | None = None
+    release: ReleaseRequest | None = None
+    done: trio.Event = attrs.Factory(trio.Event)
+    sent: bool = False
+    result: object = None
+    error: BaseException | None = None
+
+    def finish(self, result: object = None, error: BaseException | None = None) -> None:
+        if not self.done.is_set():
+            self.result, self.error = result, error
+            self.done.set()
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    """A fresh exception for each waiter of a failed batch (each raises its own)."""
+    if isinstance(exc, PeerError | TimeoutError):
+        fresh = type(exc)(*exc.args)
+        fresh.__cause__ = exc.__cause__ if exc.__cause__ is not None else exc
+        return fresh
+    fresh_error = BackendUnavailable(f"{type(exc).__name__}: {exc}")
+    fresh_error.__cause__ = exc
+    return fresh_error
+
+
+@final
+class _Member:
+    """One name in a session: the peer's connector and connection (the per-peer protocol)."""
+
+    def __init__(self, session: PeerSession, config: PeerConfig) -> None:
+        self.session = session
+        self.config = config
+        self.table = LeaseTable(config.prefix, config.table)
+        self.name = config.name
+        self.statement_timeout = config.effective_statement_timeout
+        self.peer: Peer | None = None
+        self.attached = False
+        self.on_lost: Callable[[], None] | None = None
+
+    # BackendConnector
+    async def connect(
+        self, *, on_notification: Callable[[str], None], on_lost: Callable[[], None]
+    ) -> BackendConnection:
+        # Notifications come parsed from the session's listener (Peer._handle_down).
+        del on_notification
+        session = self.session
+        if session._conn is None or self.table not in session._prepared:
+            await session._submit(self, "connect", session.connect_budget)
+        self.attached = True
+        self.on_lost = on_lost
+        return self  # noqa: ASYNC910 - connected already: the round's statement comes next
+
+    # BackendConnection
+    async def elect(
+        self, *, node: str, held_term: int | None, statement_timeout: float
+    ) -> ElectionOutcome:
+        request = ElectRequest(
+            name=self.name, node=node, lease=self.config.interval, held_term=held_term
+        )
+        result = await self.session._submit(self, "elect", statement_timeout, elect=request)
+        assert isinstance(result, ElectionOutcome)
+        return result
+
+    async def release(
+        self, *, node: str, term: int, sender: str, statement_timeout: float
+    ) -> bool:
+        """Release, retrying while another transaction holds the row (no statement waits)."""
+        del sender  # the session's own: its peers ignore their own releases
+        deadline = trio.current_time() + statement_timeout
+        pause = _RELEASE_RETRY_FIRST
+        request = ReleaseRequest(name=self.name, node=node, term=term)
+        while True:
+            result = await self.session._submit(
+                self, "release", statement_timeout, release=request
+            )
+            assert isinstance(result, ReleaseOutcome)
+            if not result.busy:
+                return result.released
+            if trio.current_time() + pause >= deadline:
+                await trio.sleep_until(deadline)  # it was given that long
+                log.warning(
+                    "trio-peers %s: the lease row stayed locked by another transaction; "
+                    "term %d was not released and will lapse",
+                    self.name,
+                    term,
+                )
+                return False
+            await trio.sleep(pause)
+            pause = min(pause * 2, _RELEASE_RETRY_MAX)
+
+    async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:
+        result = await self.session._submit(self, "leader", statement_timeout)
+        assert result is None or isinstance(result, LeaderInfo)
+        return result
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.abort()
+
+    def abort(self) -> None:
+        # The connection is the session's: a peer that drops "its" connection detaches.
+        self.attached = False
+        self.on_lost = None
+
+
+@final
+class PeerSession(metaclass=NoPublicConstructor):
+    """Many names of one process over one database connection. Get one from
+    :func:`open_session`; open each name with :meth:`open_peer`.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        *,
+        node: str,
+        on_event: EventHook | None,
+        shared: bool,
+        cleanup_timeout: float,
+    ) -> None:
+        self._settings = settings
+        self._node = node
+        self._on_event = on_event
+        self._shared = shared
+        self._cleanup_timeout = cleanup_timeout
+        self._sender = secrets.token_hex(8)
+        self._members: dict[tuple[LeaseTable, str], _Member] = {}
+        self._queue: list[_Request] = []
+        self._queue_ready = trio.Event()
+        self._connector: SessionConnector | None = None
+        self._conn: SessionConnection | None = None
+        self._conn_gen = 0
+        self._prepared: set[LeaseTable] = set()
+        self._unlogged_warned: set[LeaseTable] = set()
+        self._payloads: collections.deque[tuple[str, str]] = collections.deque(
+            maxlen=_NOTIFY_BUFFER
+        )
+        self._payloads_ready = trio.Event()
+        self._closed = False
+        self._nursery: trio.Nursery | None = None
+        self._serve_scope = trio.CancelScope(shield=True)
+        self._connects = 0
+        self._batches = 0
+        self._statements = 0
+        self._requests = 0
+        self._largest = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def node(self) -> str:
+        """The node id that this session's peers use unless given their own."""
+        return self._node
+
+    @property
+    def listen(self) -> bool:
+        """Whether the session LISTENs (and prepares its statements)."""
+        return self._settings.listen
+
+    @property
+    def statement_timeout(self) -> float:
+        """The timeout of each batch statement: the smallest of its open names'."""
+        return min((m.statement_timeout for m in self._members.values()), default=math.inf)
+
+    @property
+    def connect_budget(self) -> float:
+        return self._settings.connect_timeout
+
+    @property
+    def peers(self) -> Mapping[tuple[str, str, str], Peer]:
+        """The open peers, by ``(prefix, table, name)``."""
+        return {
+            (m.table.prefix, m.table.table, m.name): m.peer
+            for m in self._members.values()
+            if m.peer is not None
+        }
+
+    def statistics(self) -> SessionStatistics:
+        """A frozen snapshot of the session's counters. Sync."""
+        return SessionStatistics(
+            names=len(self._members),
+            connected=self._conn is not None,
+            connects=self._connects,
+            batches=self._batches,
+            statements=self._statements,
+            requests=self._requests,
+            largest_batch=self._largest,
+        )
+
+    def open_peer(self, *, name: str, **options: object) -> AbstractAsyncContextManager[Peer]:
+        """Join the election for ``name`` in this session: ``async with session.open_peer(
+        name="cron") as peer:``.
+
+        The peer has the whole :class:`~trio_peers.Peer` API, and entry and exit behave as
+        :func:`~trio_peers.open_peer` says. ``options`` are :class:`~trio_peers.PeerConfig`
+        fields with their meanings (``node``, ``interval``, ``leader_boost``, ``prefix``,
+        ``table``, ``max_clock_drift``, ``statement_timeout``, ``cleanup_timeout``);
+        ``node`` defaults to the session's. The connection-level ones (``dsn``,
+        ``listen``, ``connect_timeout``) belong to :func:`open_session`.
+
+        Raises:
+          TypeError, ValueError: a bad option (naming it), at the call, before any I/O.
+          ValueError: ``name`` is already open in this session for the same table.
+        """
+        config = self._config_for(name, options)
+        return self._join(config)
+
+    @asynccontextmanager
+    async def open_peers(
+        self, names: Iterable[str], **options: object
+    ) -> AsyncIterator[dict[str, Peer]]:
+        """Open many names at once: ``async with session.open_peers(names) as peers:``.
+
+        Every peer is entered concurrently (their first rounds run as one batch) and left
+        concurrently (their releases run as one statement). Yields the peers by name.
+        ``options`` apply to every name, as in :meth:`open_peer`.
+        """
+        configs = [self._config_for(name, options) for name in names]
+        seen: set[str] = set()
+        for config in configs:
+            if config.name in seen:
+                raise ValueError(f"names contains {config.name!r} twice: give each name once")
+            seen.add(config.name)
+        peers: dict[str, Peer] = {}
+        leave = trio.Event()
+        body_error: BaseException | None = None
+
+        async def hold(config: PeerConfig, task_status: trio.TaskStatus[None]) -> None:
+            async with self._join(config) as peer:
+                peers[config.name] = peer
+                task_status.started()
+                await leave.wait()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as starting:
+                    for config in configs:
+                        starting.start_soon(nursery.start, hold, config)
+                try:
+                    yield peers
+                except BaseException as exc:
+                    body_error = exc
+                finally:
+                    leave.set()
+        except BaseExceptionGroup as group:
+            if body_error is not None:
+                raise body_error  # noqa: B904
+            raise_single(group)
+        if body_error is not None:
+            raise body_error
+
+    # ------------------------------------------------------------------ joining
+
+    def _config_for(self, name: str, options: Mapping[str, object]) -> PeerConfig:
+        misplaced = sorted(_SESSION_FIELDS & options.keys())
+        if misplaced:
+            raise TypeError(
+                f"{', '.join(misplaced)} belong(s) to the session: pass "
+                f"{' and '.join(misplaced)} to open_session(), not to open_peer()"
+            )
+        fields: dict[str, object] = {"node": self._node, **options}
+        try:
+            config = PeerConfig(
+                dsn=self._settings.dsn,
+                listen=self._settings.listen,
+                connect_timeout=self._settings.connect_timeout,
+                name=name,
+                **fields,  # type: ignore[arg-type]
+            )
+        except TypeError as exc:
+            if "unexpected keyword argument" in str(exc):
+                raise TypeError(
+                    f"open_peer() got an option that is not a PeerConfig field: {exc}"
+                ) from None
+            raise
+        st = config.effective_statement_timeout
+        if self._shared and st > config.interval / 4:
+            raise ValueError(
+                f"statement_timeout={st!r} must be at most interval / 4 "
+                f"({config.interval / 4!r}) in a shared session: a renewal may wait behind "
+                "another name's batch for one statement timeout before its own runs; "
+                "raise interval or lower statement_timeout"
+            )
+        return config
+
+    def _join(self, config: PeerConfig) -> AbstractAsyncContextManager[Peer]:
+        if self._closed:
+            raise trio.ClosedResourceError("the session is closed")
+        key = (LeaseTable(config.prefix, config.table), config.name)
+        if key in self._members:
+            raise ValueError(
+                f"name {config.name!r} (table {config.prefix}.{config.table}) is already "
+                "open in this session: open each name once per process"
+            )
+        member = _Member(self, config)
+        peer = Peer._create(
+            config,
+            self._on_event,
+            sender=self._sender,
+            queue_wait=config.effective_statement_timeout if self._shared else 0.0,
+            aligner=aligned_wake if self._shared else None,
+        )
+        member.peer = peer
+        self._members[key] = member
+
+        @asynccontextmanager
+        async def connector() -> AsyncIterator[BackendConnector]:
+            try:
+                await trio.lowlevel.checkpoint()
+                yield member
+            finally:
+                member.abort()
+                if self._members.get(key) is member:
+                    del self._members[key]
+
+        return run_peer(peer, connector)
+
+    # ------------------------------------------------------------------ requests
+
+    async def _submit(
+        self,
+        member: _Member,
+        kind: _Kind,
+        statement_timeout: float,
+        *,
+        elect: ElectRequest | None = None,
+        release: ReleaseRequest | None = None,
+    ) -> object:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise BackendUnavailable("the session is closed")
+        request = _Request(kind, member, statement_timeout, elect=elect, release=release)
+        self._queue.append(request)
+        self._queue_ready.set()
+        try:
+            await request.done.wait()
+        except BaseException:
+            # Given up (the peer's guard, or it closes): unsent, it leaves the queue; sent,
+            # its result is dropped (as a statement abandoned mid-flight).
+            if not request.sent:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(request)
+            raise
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    # ------------------------------------------------------------------ tasks
+
+    async def _batcher(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            if not self._queue:
+                self._queue_ready = trio.Event()
+                await self._queue_ready.wait()
+            batch, self._queue = self._queue, []
+            for request in batch:
+                request.sent = True
+            self._batches += 1
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Request]) -> None:
+        try:
+            conn = await self._ensure_connection()
+        except (PeerError, TimeoutError, trio.TooSlowError) as exc:
+            for request in batch:
+                request.finish(error=_copy_error(exc))
+            await trio.lowlevel.checkpoint()
+            return
+        groups: dict[tuple[int, LeaseTable], list[_Request]] = collections.defaultdict(list)
+        for request in batch:
+            groups[(_ORDER[request.kind], request.member.table)].append(request)
+        for (order, table), requests in sorted(
+            groups.items(), key=lambda item: (item[0][0], item[0][1].prefix, item[0][1].table)
+        ):
+            del order
+            if self._conn is not conn:  # lost during this batch
+                error = BackendUnavailable("connection lost")
+                for request in requests:
+                    request.finish(error=_copy_error(error))
+                continue
+            try:
+                await self._run_group(conn, table, requests)
+            except (TableMissing, SchemaError, BackendMisconfigured) as exc:
+                # This table's problem: its names fail, the connection stays.
+                self._prepared.discard(table)
+                for request in requests:
+                    request.finish(error=_copy_error(exc))
+            except (PeerError, TimeoutError, trio.TooSlowError) as exc:
+                self._drop_connection(conn, batch)
+                for request in requests:
+                    request.finish(error=_copy_error(exc))
+            except Exception as exc:  # a bug: costs this group and the connection
+                log.error("trio-peers: unexpected error in a session batch", exc_info=exc)
+                self._drop_connection(conn, batch)
+                for request in requests:
+                    request.finish(error=_copy_error(exc))
+
+    async def _run_group(
+        self, conn: SessionConnection, table: LeaseTable, requests: list[_Request]
+    ) -> None:
+        # Every statement of a batch is bounded by the smallest timeout of the session's
+        # names (and of the requests): a round queued behind it waits at most that.
+        limit = min(self.statement_timeout, *(r.statement_timeout for r in requests))
+        limit = max(limit, 0.001)
+        if table not in self._prepared:
+            unlogged = await conn.prepare(table, statement_timeout=limit)
+            self._prepared.add(table)
+            if unlogged and table not in self._unlogged_warned:
+                self._unlogged_warned.add(table)
+                log.warning(
+                    "trio-peers %s: %s",
+                    requests[0].member.name,
+                    unlogged_warning(Statements(table.prefix, table.table)),
+                )
+        kind = requests[0].kind
+        if kind == "connect":
+            for request in requests:
+                request.finish()
+            await trio.lowlevel.checkpoint()
+            return
+        # One request per name (a peer has one in flight at a time; a duplicate would be a
+        # bug): a later duplicate waits for the next batch rather than break the statement.
+        unique: dict[str, _Request] = {}
+        for request in requests:
+            if request.member.name in unique:
+                self._queue.append(request)
+                request.sent = False
+                self._queue_ready.set()
+            else:
+                unique[request.member.name] = request
+        todo = list(unique.values())
+        self._statements += 1
+        self._requests += len(todo)
+        self._largest = max(self._largest, len(todo))
+        with trio.fail_after(limit + 0.5):
+            if kind == "elect":
+                elect_requests = [r.elect for r in todo if r.elect is not None]
+                outcomes = await conn.elect(table, elect_requests, statement_timeout=limit)
+                for request, outcome in zip(todo, outcomes, strict=True):
+                    request.finish(outcome)
+            elif kind == "release":
+                release_requests = [r.release for r in todo if r.release is not None]
+                released = await conn.release(
+                    table, release_requests, sender=self._sender, statement_timeout=limit
+                )
+                for request, result in zip(todo, released, strict=True):
+                    request.finish(result)
+            else:
+                leaders = await conn.get_leaders(
+                    table, [r.member.name for r in todo], statement_timeout=limit
+                )
+                for request in todo:
+                    request.finish(leaders.get(request.member.name))
+
+    async def _ensure_connection(self) -> SessionConnection:
+        if self._conn is not None:
+            return self._conn  # noqa: ASYNC910 - the caller awaits a statement next
+        assert self._connector is not None
+        gen = self._conn_gen + 1
+        with trio.fail_after(self._settings.connect_timeout + 0.5):
+            conn = await self._connector.connect(
+                on_notification=self._on_notification, on_lost=self._make_on_lost(gen)
+            )
+        self._conn_gen = gen
+        self._conn = conn
+        self._prepared = set()
+        self._connects += 1
+        return conn
+
+    def _drop_connection(self, conn: SessionConnection, batch: list[_Request]) -> None:
+        """A connection-level failure during ``batch``: drop the connection; every name
+        not waiting in this batch (whose round fails by itself) sees the connection lost."""
+        if self._conn is conn:
+            self._conn = None
+            self._conn_gen += 1
+            self._prepared = set()
+            conn.abort()
+            self._tell_lost(skip={r.member for r in batch if not r.done.is_set()})
+
+    def _tell_lost(self, skip: frozenset[_Member] | set[_Member] = frozenset()) -> None:
+        for member in list(self._members.values()):
+            if member in skip:
+                continue
+            if member.attached and member.on_lost is not None:
+                on_lost = member.on_lost
+                member.abort()
+                on_lost()
+
+    def _make_on_lost(self, gen: int) -> Callable[[], None]:
+        def on_lost() -> None:
+            if gen != self._conn_gen or self._closed:
+                return
+            self._conn_gen += 1
+            self._conn = None
+            self._prepared = set()
+            self._tell_lost()
+
+        return on_lost
+
+    def _on_notification(self, channel: str, payload: str) -> None:
+        # Called from the backend's callback: no raising, no blocking.
+        self._payloads.append((channel, payload))
+        self._payloads_ready.set()
+
+    async def _listener(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            await self._payloads_ready.wait()
+            self._payloads_ready = trio.Event()
+            while self._payloads:
+                channel, payload = self._payloads.popleft()
+                self._dispatch(channel, payload)
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        """Parse one payload once and hand each release to the peer of its name."""
+        downs = parse_downs(payload)
+        tables = [t for t in self._prepared if t.channel == channel]
+        if downs is None:
+            log.debug("trio-peers: ignoring malformed notification %.200r", payload)
+            for each in self._members.values():
+                if each.table in tables and each.attached and each.peer is not None:
+                    each.peer._handle_down(None)
+            return
+        for down in downs:
+            for table in tables:
+                member = self._members.get((table, down.name))
+                if member is None and not self._shared:
+                    # open_peer's session: its one peer counts other names' releases, as
+                    # a peer of its own connection always has (PeerStatistics).
+                    member = next(iter(self._members.values()), None)
+                if member is not None and member.attached and member.peer is not None:
+                    member.peer._handle_down(down)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _serve(
+        self,
+        backend: SessionBackend,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The session's main task: the backend's resources, the batcher and the listener.
+
+        Shielded from the surroundings' cancellation: the session's peers release their
+        leases through it while they stop, also when the enclosing scope is cancelled. It
+        ends when :func:`open_session`'s block has ended (:attr:`_serve_scope` cancelled).
+        """
+        with self._serve_scope:
+            async with (
+                backend.open_session(self._settings) as connector,
+                trio.open_nursery() as nursery,
+            ):
+                self._connector = connector
+                self._nursery = nursery
+                await nursery.start(self._batcher)
+                await nursery.start(self._listener)
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    with trio.move_on_after(self._cleanup_timeout, shield=True):
+                        await self._close()
+                    nursery.cancel_scope.cancel()
+
+    async def _close(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._closed = True
+        for request in self._queue:
+            request.finish(error=BackendUnavailable("the session is closed"))
+        self._queue = []
+        conn, self._conn = self._conn, None
+        self._conn_gen += 1
+        if conn is None:
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_after(self._cleanup_timeout) as scope:
+            try:
+                await conn.aclose()
+            except PeerError:
+                conn.abort()
+        if scope.cancelled_caught:
+            conn.abort()
+
+
+@asynccontextmanager
+async def _serve_session(
+    session: PeerSession, backend: SessionBackend
+) -> AsyncIterator[PeerSession]:
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session._serve, backend)
+            try:
+                yield session
+            except BaseException as exc:
+                body_error = exc
+            finally:
+                session._serve_scope.cancel()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if body_error is not None:
+            raise body_error  # noqa: B904
+        raise_single(group)
+    if body_error is not None:
+        raise body_error
+
+
+@asynccontextmanager
+async def open_session(
+    dsn: str,
+    *,
+    listen: bool = True,
+    connect_timeout: float = 10.0,
+    cleanup_timeout: float = 5.0,
+    node: str | None = None,
+    backend: SessionBackend | None = None,
+    on_event: EventHook | None = None,
+) -> AsyncIterator[PeerSession]:
+    """Open a session: one database connection for many names of this process.
+
+    ``async with open_session(dsn) as session:`` then ``async with
+    session.open_peer(name="cron") as peer:`` for each name (names may come and go while
+    the session runs), or :meth:`PeerSession.open_peers` for many at once.
+
+    The session holds one connection (elections, releases and LISTEN share it) and one
+    asyncio loop, and runs the rounds of names that are due together as one statement.
+    Entry connects lazily: the first peer's first round opens the connection.
+
+    Args:
+      dsn: PostgreSQL URI, as :attr:`PeerConfig.dsn <trio_peers.PeerConfig.dsn>`.
+      listen: As :attr:`PeerConfig.listen <trio_peers.PeerConfig.listen>`, for every name.
+      connect_timeout: Seconds allowed to open the connection.
+      cleanup_timeout: Seconds allowed to close the connection on exit.
+      node: The node id of the session's peers (default: unique to this process).
+      backend: A :class:`~trio_peers.SessionBackend`; default PostgreSQL through asyncpg.
+        :class:`trio_peers.testing.MemoryBackend` serves sessions too.
+      on_event: An :data:`~trio_peers.EventHook` for every peer of the session.
+
+    Raises:
+      TypeError, ValueError: a bad argument, naming it.
+
+    .. versionadded:: 0.2
+    """
+    # The fields' own validation, with their error messages.
+    probe = PeerConfig(
+        dsn=dsn,
+        listen=listen,
+        connect_timeout=connect_timeout,
+        cleanup_timeout=cleanup_timeout,
+        node=node if node is not None else default_node(),
+    )
+    check_event_hook(on_event)
+    if backend is None:
+        from ._asyncpg import AsyncpgBackend
+
+        backend = AsyncpgBackend()
+    if not hasattr(backend, "open_session"):
+        raise TypeError(
+            f"backend must serve sessions (have open_session()), got {type(backend).__name__}"
+        )
+    settings = SessionSettings(dsn=dsn, listen=listen, connect_timeout=connect_timeout)
+    session = PeerSession._create(
+        settings,
+        node=probe.node,
+        on_event=on_event,
+        shared=True,
+        cleanup_timeout=cleanup_timeout,
+    )
+    async with _serve_session(session, backend) as served:
+        yield served
+
+
+@asynccontextmanager
+async def open_private_session(
+    config: PeerConfig, backend: SessionBackend, on_event: EventHook | None
+) -> AsyncIterator[Peer]:
+    """:func:`~trio_peers.open_peer`'s session: one name, no alignment, no queue wait."""
+    settings = SessionSettings(
+        dsn=config.dsn, listen=config.listen, connect_timeout=config.connect_timeout
+    )
+    session = PeerSession._create(
+        settings,
+        node=config.node,
+        on_event=on_event,
+        shared=False,
+        cleanup_timeout=config.cleanup_timeout,
+    )
+    async with _serve_session(session, backend) as served, served._join(config) as peer:
+        yield peer
+
+
+@asynccontextmanager
+async def open_peer(
+    config: PeerConfig,
+    *,
+    backend: PeerBackend | SessionBackend | None = None,
+    on_event: EventHook | None = None,
+) -> AsyncIterator[Peer]:
+    """Join the election for ``config.name``; leave it (releasing any lease) on exit.
+
+    ``async with open_peer(config) as peer:``
+
+    **Entry blocks** until the first election round has finished, so
+    ``peer.is_leader`` is meaningful on the first line of the body. If the
+    database cannot be reached at entry (refused, timed out, starting up),
+    entry still succeeds with the peer as follower, and it keeps retrying in
+    the background. A permanent misconfiguration raises from entry.
+
+    **Exit blocks** for a bounded time, also when the surrounding scope is
+    cancelled: it cancels and awaits leader-only work, stops the election
+    loop, and if this peer holds a lease it releases it and sends NOTIFY in one
+    statement (under ``cleanup_timeout``), then closes the connection. An
+    exception from the body propagates as itself, not wrapped in an
+    :exc:`ExceptionGroup`.
+
+    Args:
+      config: The peer's settings.
+      backend: The lease store. Default: PostgreSQL through asyncpg
+        (:class:`trio_peers.AsyncpgBackend`). Tests can pass
+        :class:`trio_peers.testing.MemoryBackend`.
+      on_event: An :data:`~trio_peers.EventHook`: a sync function called with each of the
+        peer's events (rounds, leadership, faults, notifications, releases), for metrics;
+        see :doc:`/howto/metrics`. It must not block; what it raises is logged (at most
+        once a minute) and ignored. Without it, no event is built.
+
+    Raises:
+      BackendMisconfigured: invalid DSN, failed authentication, missing database.
+      SchemaError: the lease table exists but has the wrong shape.
+
+    .. versionadded:: 0.1
+    """
+    if not isinstance(config, PeerConfig):
+        raise TypeError(f"config must be a PeerConfig, got {type(config).__name__}")
+    if backend is None:
+        from ._asyncpg import AsyncpgBackend
+
+        backend = AsyncpgBackend()
+    check_event_hook(on_event)
+    if isinstance(backend, SessionBackend):
+        # The usual case: a private session of one name (one connection, one loop).
+        async with open_private_session(config, backend, on_event) as peer:
+            yield peer
+        return
+    legacy: PeerBackend = backend
+    peer = Peer._create(config, on_event)
+    async with run_peer(peer, lambda: legacy.open(config)) as running:
+        yield running
