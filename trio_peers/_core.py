@@ -448,6 +448,9 @@ class ElectionCore:
         if now < start:
             raise CoreError("time went backwards")
         self.round_started_at = None
+        # Whatever the round schedules next is not alignable unless it says so (a busy
+        # retry can land on the very instant a capped renewal was due at).
+        self._align_for = math.nan
         return start
 
 
