@@ -1,0 +1,133 @@
+"""Sessions on a real PostgreSQL: connections, handover of every name, isolation, healing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import trio
+
+from trio_peers import Peer, PeerSession, migrate, open_session
+
+from ._pgutil import SQL, open_sql, wait_for
+
+INTERVAL = 2.0
+MANY = [f"tenant-{i:03d}" for i in range(200)]
+
+
+@asynccontextmanager
+async def session_in_task(
+    nursery: trio.Nursery, dsn: str, node: str, names: Iterable[str], **options: object
+) -> AsyncIterator[tuple[PeerSession, dict[str, Peer], trio.Event]]:
+    """A session with ``names`` open, in its own task; set the event to make it exit."""
+    leave = trio.Event()
+    names = list(names)
+
+    async def run(*, task_status: trio.TaskStatus[tuple[PeerSession, dict[str, Peer]]]) -> None:
+        async with open_session(dsn, node=node) as session:
+            async with session.open_peers(names, interval=INTERVAL, **options) as peers:
+                task_status.started((session, peers))
+                await leave.wait()
+
+    session, peers = await nursery.start(run)
+    yield session, peers, leave
+    leave.set()
+
+
+async def our_backends(sql: SQL) -> int:
+    count: int = await sql.fetchval(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE application_name = 'trio-peers' AND datname = current_database()"
+    )
+    return count
+
+
+async def backends_are(sql: SQL, count: int) -> bool:
+    return await our_backends(sql) == count
+
+
+async def live_leases(sql: SQL, node: str) -> int:
+    count: int = await sql.fetchval(
+        "SELECT count(*) FROM trio_peers WHERE node = $1 AND expires_at > now()", node
+    )
+    return count
+
+
+async def test_200_names_hold_one_connection_and_move_to_another_session_on_exit(
+    dsn: str,
+) -> None:
+    async with open_sql(dsn) as sql, trio.open_nursery() as nursery:
+        async with session_in_task(nursery, dsn, "a", MANY) as (sa, a, leave_a):
+            assert all(peer.is_leader for peer in a.values())
+            assert await our_backends(sql) == 1
+            async with session_in_task(nursery, dsn, "b", MANY) as (sb, b, _):
+                assert not any(peer.is_leader for peer in b.values())
+                assert await our_backends(sql) == 2  # one per session, for 400 peers
+                await trio.sleep(2 * INTERVAL)
+                assert all(peer.is_leader for peer in a.values())
+                assert sa.statistics().largest_batch > 1  # rounds ran batched
+                leave_a.set()
+                await wait_for(lambda: all(peer.is_leader for peer in b.values()), limit=5)
+                assert await live_leases(sql, "a") == 0  # a released every name
+                assert await live_leases(sql, "b") == len(MANY)
+                await wait_for(lambda: backends_are(sql, 1), limit=5)
+                assert sb.statistics().connects == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_row_locked_by_an_open_transaction_stalls_only_its_name(dsn: str) -> None:
+    names = MANY[:20]
+    async with open_sql(dsn) as sql, open_sql(dsn) as locker, trio.open_nursery() as nursery:
+        async with session_in_task(nursery, dsn, "a", names) as (_, a, _):
+            await locker.execute("BEGIN")
+            await locker.execute("SELECT 1 FROM trio_peers WHERE name = $1 FOR UPDATE", names[0])
+            deadline = trio.current_time() + 3 * INTERVAL
+            while trio.current_time() < deadline:
+                await trio.sleep(0.1)
+                assert all(a[n].is_leader for n in names[1:])
+            assert not a[names[0]].is_leader  # its trust ran out at its deadline
+            assert a[names[0]].statistics().elections_busy > 0
+            await locker.execute("ROLLBACK")
+            await wait_for(lambda: a[names[0]].is_leader, limit=3 * INTERVAL)
+            assert await our_backends(sql) == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_killed_backend_heals_every_name_on_one_new_connection(dsn: str) -> None:
+    names = MANY[:50]
+    async with open_sql(dsn) as sql, trio.open_nursery() as nursery:
+        async with session_in_task(nursery, dsn, "a", names) as (session, a, _):
+            terms = {n: a[n].term for n in names}
+            await sql.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'trio-peers' AND datname = current_database()"
+            )
+            await wait_for(lambda: not any(a[n].is_leader for n in names), limit=5)
+            await wait_for(lambda: all(a[n].is_leader for n in names), limit=5)
+            assert {n: a[n].term for n in names} == terms  # the same tenures resumed
+            assert session.statistics().connects == 2
+            assert await our_backends(sql) == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_names_come_and_go_and_a_missing_table_fails_only_its_names(
+    pg_dsn: str,
+) -> None:
+    await migrate(pg_dsn)
+    async with open_sql(pg_dsn) as sql, open_session(pg_dsn, node="a") as session:
+        async with session.open_peer(name="cron", interval=INTERVAL) as cron:
+            assert cron.is_leader
+            async with session.open_peer(name="pruner", interval=INTERVAL, table="absent") as bad:
+                assert not bad.is_leader
+                assert "TableMissing" in (bad.statistics().last_error or "")
+                async with session.open_peer(name="rebalancer", interval=4.0) as reb:
+                    assert reb.is_leader
+                    await trio.sleep(INTERVAL)
+                    assert cron.is_leader and reb.is_leader and not bad.is_leader
+                assert await live_leases(sql, "a") == 1  # the rebalancer released its lease
+                await migrate(pg_dsn, table="absent")
+                await wait_for(lambda: bad.is_leader, limit=3 * INTERVAL)
+            assert cron.is_leader
+            assert await our_backends(sql) == 1
+            assert session.statistics().connects == 1
+        assert await live_leases(sql, "a") == 0
