@@ -349,3 +349,23 @@ def test_a_busy_retry_is_never_moved_earlier() -> None:
     core.round_succeeded(0.97, ElectionOutcome(term=None, busy=True))
     assert core.next_round_at == last_chance
     assert core.next_round_earliest == core.next_round_at
+
+
+async def test_a_timed_out_get_leader_leaves_the_session_connection_and_leadership_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: a read that timed out counted as a connection fault and dropped the
+    shared connection, ending every name's trust."""
+    from trio_peers import BackendUnavailable
+
+    backend = MemoryBackend()
+    async with open_session("memory://", backend=backend, node="a") as session:
+        async with session.open_peers(NAMES[:5], interval=30.0) as peers:
+            backend.hang = True
+            with pytest.raises(BackendUnavailable):
+                await peers[NAMES[0]].get_leader()
+            backend.hang = False
+            assert all(peer.is_leader for peer in peers.values())
+            assert session.statistics().connects == 1 and session.statistics().connected
+            info = await peers[NAMES[0]].get_leader()
+            assert info is not None and info.node == "a"

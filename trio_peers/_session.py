@@ -130,6 +130,15 @@ class _Request:
             self.done.set()
 
 
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means the connection is gone or stuck, not just a statement timing out
+    (which the driver cancels, leaving the connection usable)."""
+    if isinstance(exc, trio.TooSlowError):
+        return True  # not even the driver's own timeout answered
+    timed_out = isinstance(exc, TimeoutError) or isinstance(exc.__cause__, TimeoutError)
+    return not timed_out
+
+
 def _copy_error(exc: BaseException) -> BaseException:
     """A fresh exception for each waiter of a failed batch (each raises its own)."""
     if isinstance(exc, PeerError | TimeoutError):
@@ -163,7 +172,7 @@ class _Member:
         del on_notification
         session = self.session
         if session._conn is None or self.table not in session._prepared:
-            await session._submit(self, "connect", session.connect_budget)
+            await session._submit(self, "connect", session._settings.connect_timeout)
         self.attached = True
         self.on_lost = on_lost
         return self  # noqa: ASYNC910 - connected already: the round's statement comes next
@@ -281,10 +290,6 @@ class PeerSession(metaclass=NoPublicConstructor):
     def statement_timeout(self) -> float:
         """The timeout of each batch statement: the smallest of its open names'."""
         return min((m.statement_timeout for m in self._members.values()), default=math.inf)
-
-    @property
-    def connect_budget(self) -> float:
-        return self._settings.connect_timeout
 
     @property
     def peers(self) -> Mapping[tuple[str, str, str], Peer]:
@@ -508,7 +513,13 @@ class PeerSession(metaclass=NoPublicConstructor):
                 self._prepared.discard(table)
                 for request in requests:
                     request.finish(error=_copy_error(exc))
-            except (PeerError, TimeoutError, trio.TooSlowError) as exc:
+            except (BackendUnavailable, TimeoutError, trio.TooSlowError) as exc:
+                if requests[0].kind == "leader" and not _connection_lost(exc):
+                    # A read that failed (e.g. timed out) leaves the connection and
+                    # everyone's leadership alone, as Peer.get_leader promises.
+                    for request in requests:
+                        request.finish(error=_copy_error(exc))
+                    continue
                 self._drop_connection(conn, batch)
                 for request in requests:
                     request.finish(error=_copy_error(exc))

@@ -28,6 +28,8 @@ from .._core import ElectionOutcome, down_payload
 from .._exceptions import BackendUnavailable, TableMissing
 
 #: The wall-clock instant that Trio time 0 maps to in :class:`LeaderInfo` timestamps.
+#: Bytes of names per multi-name NOTIFY payload (PostgreSQL allows 8000 per payload).
+_CHUNK_BYTES: Final = 6000
 _EPOCH: Final = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 
 
@@ -74,8 +76,9 @@ class MemoryBackend:
       real server.
     * :meth:`drop_table` / :meth:`create_table`: a missing table.
     * :meth:`lock_row` / :meth:`unlock_row`: another transaction holds a lease row locked
-      (as a long fenced write would); elections that would write it report it busy
-      (releases are not held up by it).
+      (as a long fenced write would); elections that would write it report it busy.
+      Releases of one's own connection (:meth:`open`) are not held up by it; a
+      session's releases report it busy too and are retried until ``cleanup_timeout``.
 
     .. versionadded:: 0.1
     """
@@ -256,14 +259,25 @@ class MemoryBackend:
                 row.expires_at = now
                 released.append((r.name, r.term))
                 outcomes.append(ReleaseOutcome(released=True))
-        if len(released) == 1:
-            self.notify(table.channel, down_payload(released[0][0], released[0][1], sender))
-        elif released:
-            payload = json.dumps(
-                {"downs": [list(item) for item in sorted(released)], "sender": sender},
-                separators=(",", ":"),
-            )
-            self.notify(table.channel, payload)
+        # In chunks of about 6000 bytes of names, as the SQL statement does.
+        chunks: list[list[tuple[str, int]]] = [[]]
+        size = 0
+        for item in sorted(released):
+            entry = len(json.dumps(item[0]).encode()) + 24
+            if chunks[-1] and size + entry > _CHUNK_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(item)
+            size += entry
+        for chunk in chunks:
+            if len(chunk) == 1:
+                self.notify(table.channel, down_payload(chunk[0][0], chunk[0][1], sender))
+            elif chunk:
+                payload = json.dumps(
+                    {"downs": [list(item) for item in chunk], "sender": sender},
+                    separators=(",", ":"),
+                )
+                self.notify(table.channel, payload)
         return outcomes
 
     def notify(self, channel: str, payload: str) -> None:
