@@ -152,7 +152,12 @@ class Runner:
             *("--dsn", f"postgresql://postgres@127.0.0.1:{self.proxies[slot].port}/chaos"),
             *("--node", f"w{slot}", "--slot", str(slot), "--label", label),
             *("--names", ",".join(self.names), "--interval", str(self.args.interval)),
-            *("--step", str(step), "--form", "peers"),
+            *(
+                "--step",
+                str(step),
+                "--form",
+                "session" if self.args.form == "session" else "peers",
+            ),
             *("--log", str(self.out / f"{label}.jsonl")),
         ]
         stderr = (self.out / f"{label}.stderr").open("wb")
@@ -442,14 +447,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m chaos.run", description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=60.0, help="seconds of faults")
     p.add_argument("--workers", type=int, default=5, help="worker slots (processes)")
-    p.add_argument("--names", type=int, default=20, help="names per worker (form peers)")
+    p.add_argument("--names", type=int, default=20, help="names per worker (forms peers, session)")
     p.add_argument("--interval", type=float, default=1.0, help="the peers' interval")
     p.add_argument("--seed", type=int, default=None, help="default: random, printed")
     p.add_argument(
         "--form",
-        choices=["single", "peers"],
+        choices=["single", "peers", "session"],
         default="peers",
-        help="single: one open_peer per process; peers: --names open_peer per process",
+        help="single: one open_peer per process; peers: --names open_peer per process; "
+        "session: --names peers on one open_session per process",
     )
     p.add_argument("--rate", type=float, default=1.2, help="faults per second (mean)")
     p.add_argument("--tail", type=float, default=None, help="quiet seconds at the end")

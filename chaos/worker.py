@@ -1,7 +1,7 @@
 """One chaos worker process: peers for K names, each with logged leader-only work.
 
 Usage: ``python -m chaos.worker --dsn DSN --node NODE --slot W --label P --names n0,n1
---interval I --step S --log FILE [--form peers]``
+--interval I --step S --log FILE [--form peers|session]``
 
 Every record is one JSON line, written with a single ``write(2)`` to ``FILE``
 (opened ``O_APPEND``), so a SIGKILL loses nothing already logged. Fields:
@@ -20,9 +20,8 @@ Commands on stdin, one per line: ``resign N`` makes the peer of the
 ``N mod L``-th of the L names this process leads resign.
 
 Forms: ``peers`` runs one :func:`trio_peers.open_peer` per name in this
-process (``--names n0`` is the single-peer form). A ``session`` form
-(issue 10: one ``open_session(dsn)``, ``session.open_peer(name=...)`` per
-name) goes into :func:`open_members`, a few lines next to ``peers``.
+process (``--names n0`` is the single-peer form); ``session`` runs every name
+on one :func:`trio_peers.open_session` (one connection, batched statements).
 """
 
 from __future__ import annotations
@@ -87,9 +86,20 @@ async def open_members(form: str, configs: Sequence[PeerConfig]) -> AsyncIterato
             finally:
                 stop.set()
         return
-    # form == "session" (issue 10) goes here, along the lines of:
-    #   async with open_session(configs[0].dsn) as session, trio.open_nursery() as nursery:
-    #       ... one task per config entering session.open_peer(name=config.name) ...
+    if form == "session":
+        # One session (one connection) for every name; the peers open and leave together.
+        first = configs[0]
+        async with (
+            trio_peers.open_session(
+                first.dsn,
+                node=first.node,
+                connect_timeout=first.connect_timeout,
+                cleanup_timeout=first.cleanup_timeout,
+            ) as session,
+            session.open_peers([c.name for c in configs], interval=first.interval) as by_name,
+        ):
+            yield [by_name[c.name] for c in configs]
+        return
     raise ValueError(f"unknown form {form!r}")
 
 
@@ -190,7 +200,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, required=True)
     parser.add_argument("--step", type=float, default=0.02)
     parser.add_argument("--cleanup-timeout", type=float, default=2.0)
-    parser.add_argument("--form", choices=["peers"], default="peers")
+    parser.add_argument("--form", choices=["peers", "session"], default="peers")
     parser.add_argument("--log", required=True)
     return parser.parse_args(argv)
 
