@@ -168,3 +168,28 @@ async def test_batched_release_skips_a_locked_row_as_busy(pg_dsn: str) -> None:
         await locker.execute("ROLLBACK")
         again = await release(a, [NAMES[3]], "a", [1])
         assert again[NAMES[3]]["released"]
+
+
+async def test_single_name_session_release_skips_a_locked_row_and_releases_exactly_its_tenure(
+    pg_dsn: str,
+) -> None:
+    await migrate(pg_dsn)
+    async with open_sql(pg_dsn) as a, open_sql(pg_dsn) as locker:
+
+        async def release_one(node: str, term: int) -> Any:
+            return await a.fetchrow(
+                STATEMENTS.release_one, "solo", node, term, "public.trio_peers", "{}"
+            )
+
+        await elect(a, ["solo"], "a", [None])
+        assert not (await release_one("a", 2))["released"]  # another term
+        assert not (await release_one("b", 1))["released"]  # another node
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT 1 FROM trio_peers WHERE name = 'solo' FOR SHARE")
+        with trio.fail_after(5):
+            busy = await release_one("a", 1)
+        assert busy["busy"] and not busy["released"]
+        await locker.execute("ROLLBACK")
+        done = await release_one("a", 1)
+        assert done["released"] and not done["busy"] and done["notified"] == 1
+        assert not (await a.fetchrow("SELECT expires_at > now() AS live FROM trio_peers"))["live"]

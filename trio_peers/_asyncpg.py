@@ -596,6 +596,7 @@ class _TablePrepared:
     sql: Statements
     elect: PreparedStatement | None
     elect_many: PreparedStatement | None
+    release_one: PreparedStatement | None
     release_many: PreparedStatement | None
 
 
@@ -609,12 +610,13 @@ async def _aio_prepare_table(
     """asyncio-flavoured: check a table; with a channel, prepare its statements and LISTEN."""
     unlogged = await _aio_check_table(conn, sql, limit)
     if channel is None:
-        return _TablePrepared(sql, None, None, None), unlogged
+        return _TablePrepared(sql, None, None, None, None), unlogged
     elect = await conn.prepare(sql.elect, timeout=limit)
     elect_many = await conn.prepare(sql.elect_many, timeout=limit)
+    release_one = await conn.prepare(sql.release_one, timeout=limit)
     release_many = await conn.prepare(sql.release_many, timeout=limit)
     await conn.add_listener(channel, on_notify)
-    return _TablePrepared(sql, elect, elect_many, release_many), unlogged
+    return _TablePrepared(sql, elect, elect_many, release_one, release_many), unlogged
 
 
 async def _aio_session_connect(
@@ -725,6 +727,21 @@ class AsyncpgSessionConnection:
         statement_timeout: float,
     ) -> list[ReleaseOutcome]:
         prepared = self._table(table)
+        if len(requests) == 1:  # the single-name statement is the quicker one
+            (r,) = requests
+            one = (r.name, r.node, r.term, table.channel, down_payload(r.name, r.term, sender))
+            with _mapped():
+                if prepared.release_one is not None:
+                    row = await _aio(prepared.release_one.fetchrow, self._loop)(
+                        *one, timeout=statement_timeout
+                    )
+                else:
+                    row = await _aio(self._conn.fetchrow, self._loop)(
+                        prepared.sql.release_one, *one, timeout=statement_timeout
+                    )
+            if row is None:  # pragma: no cover - the SELECT always returns one row
+                raise BackendUnavailable("release statement returned no row")
+            return [ReleaseOutcome(released=row["released"], busy=row["busy"])]
         args = (
             [r.name for r in requests],
             [r.node for r in requests],

@@ -222,6 +222,7 @@ class Peer(metaclass=NoPublicConstructor):
         sender: str | None = None,
         queue_wait: float = 0.0,
         aligner: Callable[[float, float], float] | None = None,
+        timer: Callable[[float, trio.Event], None] | None = None,
     ) -> None:
         now = trio.current_time()
         self._config = config
@@ -237,6 +238,7 @@ class Peer(metaclass=NoPublicConstructor):
         )
         self._queue_wait = queue_wait
         self._aligner = aligner
+        self._timer = timer
         self._cell = LeadershipCell(config.name, config.node, now)
         self._statements = Statements(config.prefix, config.table)
         self._sender = sender if sender is not None else secrets.token_hex(8)
@@ -930,6 +932,13 @@ class Peer(metaclass=NoPublicConstructor):
             if wake_at <= trio.current_time():
                 return  # noqa: ASYNC910 - due now; the round awaits right after
             self._resched = trio.Event()
+            if self._timer is not None:
+                # A session's one timer sets the event at wake_at (one sleeping task for
+                # all names, rather than a timeout per name).
+                if wake_at < math.inf:
+                    self._timer(wake_at, self._resched)
+                await self._resched.wait()
+                continue  # due, or the schedule changed: look again
             with trio.move_on_at(wake_at):
                 await self._resched.wait()
                 continue  # the schedule changed: look again

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import secrets
@@ -265,6 +267,9 @@ class PeerSession(metaclass=NoPublicConstructor):
             maxlen=_NOTIFY_BUFFER
         )
         self._payloads_ready = trio.Event()
+        self._timers: list[tuple[float, int, trio.Event]] = []
+        self._timer_seq = itertools.count()
+        self._timer_changed = trio.Event()
         self._closed = False
         self._nursery: trio.Nursery | None = None
         self._serve_scope = trio.CancelScope(shield=True)
@@ -424,6 +429,7 @@ class PeerSession(metaclass=NoPublicConstructor):
             sender=self._sender,
             queue_wait=config.effective_statement_timeout if self._shared else 0.0,
             aligner=aligned_wake if self._shared else None,
+            timer=self._wake_at if self._shared else None,
         )
         member.peer = peer
         self._members[key] = member
@@ -455,6 +461,15 @@ class PeerSession(metaclass=NoPublicConstructor):
             await trio.lowlevel.checkpoint()
             raise BackendUnavailable("the session is closed")
         request = _Request(kind, member, statement_timeout, elect=elect, release=release)
+        if not self._shared:
+            # open_peer's session: its one peer runs one statement at a time already (under
+            # its connection lock), so the statement runs in the caller's task, as on a
+            # connection of the peer's own: no hop to the batcher task and back.
+            request.sent = True
+            await self._run_batch([request])
+            if request.error is not None:
+                raise request.error
+            return request.result
         self._queue.append(request)
         self._queue_ready.set()
         try:
@@ -631,6 +646,27 @@ class PeerSession(metaclass=NoPublicConstructor):
 
         return on_lost
 
+    def _wake_at(self, when: float, event: trio.Event) -> None:
+        """Set ``event`` at ``when`` (the peers' one shared timer). Sync."""
+        heapq.heappush(self._timers, (when, next(self._timer_seq), event))
+        if self._timers[0][2] is event:
+            self._timer_changed.set()  # a new earliest deadline
+
+    async def _timer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Sets each peer's wake-up event when it is due: one sleeping task and one timeout
+        for all names, however many, and names due at one instant wake together."""
+        task_status.started()
+        while True:
+            now = trio.current_time()
+            while self._timers and self._timers[0][0] <= now:
+                heapq.heappop(self._timers)[2].set()
+            self._timer_changed = trio.Event()
+            deadline = self._timers[0][0] if self._timers else math.inf
+            with trio.move_on_at(deadline):
+                await self._timer_changed.wait()
+
     def _on_notification(self, channel: str, payload: str) -> None:
         # Called from the backend's callback: no raising, no blocking.
         self._payloads.append((channel, payload))
@@ -690,6 +726,7 @@ class PeerSession(metaclass=NoPublicConstructor):
                 self._nursery = nursery
                 await nursery.start(self._batcher)
                 await nursery.start(self._listener)
+                await nursery.start(self._timer)
                 task_status.started()
                 try:
                     await trio.sleep_forever()

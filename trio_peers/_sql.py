@@ -196,6 +196,37 @@ FROM released, (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 """
 
     @property
+    def release_one(self) -> str:
+        # $1 name, $2 node, $3 term, $4 channel, $5 payload: `release_many` for one name
+        # (a session's release of a single name: the quicker statement), with the payload
+        # built by the caller as for `release`. A row locked by another transaction is not
+        # waited for: busy, nothing changed.
+        t = self.qualified
+        return f"""
+WITH held AS (
+    SELECT name FROM {t}
+    WHERE name = $1 AND node = $2 AND term = $3 AND expires_at > now()
+),
+locked AS (
+    SELECT name FROM {t} WHERE name = $1 AND EXISTS (SELECT FROM held)
+    FOR UPDATE SKIP LOCKED
+),
+released AS (
+    UPDATE {t} SET expires_at = now()
+    WHERE name = $1 AND node = $2 AND term = $3 AND expires_at > now()
+      AND EXISTS (SELECT FROM locked)
+    RETURNING name
+),
+notified AS (
+    SELECT pg_notify($4::text, $5::text) FROM released
+)
+SELECT EXISTS (SELECT FROM released) AS released,
+       (EXISTS (SELECT FROM held) AND NOT EXISTS (SELECT FROM locked)) AS busy,
+       (SELECT count(*) FROM notified) AS notified
+FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
+"""
+
+    @property
     def release_many(self) -> str:
         # Many names in one statement: the batched form of `release`, for sessions
         # (docs/protocol.rst, "Batched elections"). $1 names, $2 nodes, $3 terms (arrays of
