@@ -492,7 +492,10 @@ class Bench:
                     for p in others
                     if p is not winner and any(e["event"] == "gained" for e in p.drain())
                 )
-                t_settled = max(reacted.values())
+                # Settled: every follower's round after the release has finished, and the
+                # winner has reported its leadership (a round's report can come before the
+                # winner's leadership change reaches its consumer).
+                t_settled = max(*reacted.values(), gained["t"])
                 settle.append(t_settled - t0)
                 won_first.append(gained["t"] - t0)
                 winners_seen.append(1 + extra)
