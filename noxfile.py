@@ -345,5 +345,11 @@ def dist(session: nox.Session) -> None:
 
     # The sdist's own tests, on the installed wheel's dependencies (not PostgreSQL: the tests
     # session runs those).
+    # Their TMPDIR is the caller's too: the demo tests start a server that runs as the
+    # postgres user, who cannot enter nox's session tmp inside a private (0700) checkout.
     session.chdir(source / prefix)
-    session.run(python, "-m", "pytest", "-q", "-m", "not postgres", external=True)
+    session.run(
+        *(python, "-m", "pytest", "-q", "-m", "not postgres"),
+        env={"TMPDIR": os.environ.get("TMPDIR") or tempfile.gettempdir()},
+        external=True,
+    )
