@@ -257,7 +257,12 @@ def test_crash_of_a_frozen_server_runs_nothing_it_was_sent() -> None:
         srv.crash()
         assert not srv.is_running
         assert not srv.is_frozen
-        assert all(_process_state(p) == "Z" for p in [pid, *children])
+        # SIGKILL is delivered at once, but a process shows as a zombie only once it has
+        # finished dying: wait for that (bounded), rather than read the state at once.
+        deadline = time.monotonic() + 5.0
+        while not all(_process_state(p) == "Z" for p in [pid, *children]):
+            assert time.monotonic() < deadline, {p: _process_state(p) for p in [pid, *children]}
+            time.sleep(0.01)
         srv.crash()  # not running: nothing to do
         srv.start_again()
         assert rows(srv, "sent") == []
