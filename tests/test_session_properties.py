@@ -49,6 +49,7 @@ import trio
 import trio.testing
 from hypothesis import Phase, given, settings, strategies as st
 
+import trio_peers
 import trio_peers._peer
 from trio_peers import (
     BackendUnavailable,
@@ -56,6 +57,7 @@ from trio_peers import (
     LeaderInfo,
     LeaseTable,
     Peer,
+    PeerConfig,
     PeerSession,
     ReleaseOutcome,
     ReleaseRequest,
@@ -871,27 +873,29 @@ def test_sessions_share_names_safely(
         assert_work_in_tenures(name, tenures, work)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a peer exiting under a cancelled scope abandons its round in flight; "
-    "a bid the server committed is never released (found by the property above)",
-)
+@pytest.mark.parametrize("form", ["session", "open_peer"])
 async def test_cancelled_exit_during_a_winning_bid_releases_what_it_won(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, form: str
 ) -> None:
-    """A session's names exit because the scope around them is cancelled (a process shutting
-    down) while a bid is in flight that the store has committed (its reply still on the way).
+    """A name exits because the scope around it is cancelled (a process shutting down)
+    while a bid is in flight that the store has committed (its reply still on the way).
     As on an exit without cancellation (tests/test_hardening.py), the peer must learn the
     outcome and release what it won; otherwise the lease outlives every process for an
-    interval and the next leader waits for it to lapse."""
+    interval and the next leader waits for it to lapse. (A shared session runs the bid in
+    its own task; open_peer's peer runs it in its election loop, which the cancellation
+    of the surrounding scope once reached.)"""
     backend = MemoryBackend()
+
+    def open_b() -> AbstractAsyncContextManager[object]:
+        if form == "open_peer":
+            config = PeerConfig(dsn="memory://", name="n", node="b", interval=1.0)
+            return trio_peers.open_peer(config, backend=backend)
+        return _session_peer(backend, "b", "n")
+
     async with open_session("memory://", backend=backend, node="a") as sa:
         async with sa.open_peer(name="n", interval=1.0) as a, trio.open_nursery() as nursery:
             with trio.CancelScope() as scope:
-                async with (
-                    open_session("memory://", backend=backend, node="b") as sb,
-                    sb.open_peer(name="n", interval=1.0),
-                ):
+                async with open_b():
                     backend.reply_delay = 0.2  # every reply from now on arrives 0.2 s late
                     nursery.start_soon(a.resign)  # a holds its bids for a resign hold
                     await trio.sleep(0.1)  # a released; b was told and bid; no reply yet
@@ -901,3 +905,12 @@ async def test_cancelled_exit_during_a_winning_bid_releases_what_it_won(
                     await trio.sleep(1.0)  # cancelled at once
             row = backend.leader("n")
             assert row is None or row.node == "a", f"b exited, its lease lives on: {row}"
+
+
+@asynccontextmanager
+async def _session_peer(backend: MemoryBackend, node: str, name: str) -> AsyncIterator[object]:
+    async with (
+        open_session("memory://", backend=backend, node=node) as session,
+        session.open_peer(name=name, interval=1.0) as peer,
+    ):
+        yield peer

@@ -30,7 +30,7 @@ import trio
 from ._backend import BackendConnection, BackendConnector, LeaderInfo
 from ._cell import LeadershipCell, LeadershipChannel
 from ._config import PeerConfig
-from ._core import Change, Down, ElectionCore, parse_notification
+from ._core import Change, Down, ElectionCore, ElectionOutcome, parse_notification
 from ._events import (
     ElectionRound,
     EventHook,
@@ -222,7 +222,7 @@ class Peer(metaclass=NoPublicConstructor):
         sender: str | None = None,
         queue_wait: float = 0.0,
         aligner: Callable[[float, float], float] | None = None,
-        timer: Callable[[float, trio.Event], None] | None = None,
+        timer: Callable[[float], None] | None = None,
     ) -> None:
         now = trio.current_time()
         self._config = config
@@ -245,12 +245,16 @@ class Peer(metaclass=NoPublicConstructor):
         self._connector: BackendConnector | None = None
         self._conn: BackendConnection | None = None
         self._conn_gen = 0
-        self._conn_lock = trio.Lock()
+        # A semaphore, not a Lock: a shared session's task takes it for an inline round
+        # and its report releases it (a Lock belongs to the task that took it). Fair.
+        self._conn_lock = trio.Semaphore(1, max_value=1)
+        self._parked = False
         self._resched = trio.Event()
         self._payloads: collections.deque[str] = collections.deque(maxlen=_NOTIFY_BUFFER)
         self._payloads_ready = trio.Event()
         self._watch_scope: trio.CancelScope | None = None
         self._loop_scope = trio.CancelScope()
+        self._serve_scope = trio.CancelScope()  # shielded once entered (see _serve)
         self._loop_done = trio.Event()
         self._leader_scopes: set[LeaderScope] = set()
         self._counters = _Counters()
@@ -808,64 +812,137 @@ class Peer(metaclass=NoPublicConstructor):
             self._conn_lock.release()
 
     async def _run_round_locked(self, *, entry: bool) -> None:  # noqa: ASYNC910 - awaits or raises
+        begun = self._begin_round()
+        if begun is None:
+            await trio.lowlevel.checkpoint()
+            return
+        started, held = begun
         st = self._config.effective_statement_timeout
-        if self._closing:
-            await trio.lowlevel.checkpoint()
-            return
-        if self._winding_down():
-            # Work of an ended tenure still runs: bid no more until it finishes
-            # (the tenure scope wakes the loop), so it never overlaps a new one.
-            self._core.hold()
-            await trio.lowlevel.checkpoint()
-            return
-        started = trio.current_time()
-        held = self._core.start_round(started)
-        self._counters.elections_run += 1
-        finished = False
-        outcome_name: RoundOutcome = "failed"
-        error: BaseException | None = None
         try:
             conn = await self._ensure_connection()
             with trio.fail_after(st + self._queue_wait + _GUARD_SLACK):
                 outcome = await conn.elect(node=self.node, held_term=held, statement_timeout=st)
-        except TableMissing as exc:
-            finished, error = True, exc
-            self._round_failed(exc, retry_after=self._config.interval)
-            self._drop_connection()
-            if not self._table_missing_logged:
-                self._table_missing_logged = True
-                log.warning("trio-peers %s: %s; staying follower", self.name, exc)
-        except (BackendMisconfigured, SchemaError) as exc:
-            finished, error = True, exc
-            self._round_failed(exc, retry_after=self._config.interval)
-            self._drop_connection()
-            if entry:
-                raise
-            log.error("trio-peers %s: %s", self.name, exc)
-        except (BackendUnavailable, TimeoutError, trio.TooSlowError) as exc:
-            finished, error = True, exc
-            self._round_failed(exc)
-            self._drop_connection()
         except Exception as exc:
-            # A bug (ours, the driver's, the backend's): it costs this round and the
-            # connection, never the application. Cancellation is not an Exception.
-            finished, error = True, exc
-            self._round_failed(exc)
-            self._drop_connection()
-            self._unexpected.report(f"{self.name} ({self.node})", "an election round", exc)
+            if self._end_round(started, error=exc, entry=entry):
+                raise
+        except BaseException:  # cancelled
+            self._core.abort_round(trio.current_time())
+            self._publish("closed")
+            self._round_over()
+            raise
         else:
-            finished = True
+            self._end_round(started, outcome=outcome)
+
+    def _begin_round(self) -> tuple[float, int | None] | None:
+        """Start a round (the caller holds the connection lock): its start and the term it
+        holds. ``None`` if no round runs now: the peer closes, or work of an ended tenure
+        still runs (bids are held until it finishes; the tenure scope wakes the loop, so
+        that work never overlaps a new tenure)."""
+        if self._closing:
+            return None
+        if self._winding_down():
+            self._core.hold()
+            return None
+        started = trio.current_time()
+        held = self._core.start_round(started)
+        self._counters.elections_run += 1
+        return started, held
+
+    def _end_round(
+        self,
+        started: float,
+        *,
+        outcome: ElectionOutcome | None = None,
+        error: Exception | None = None,
+        entry: bool = False,
+    ) -> bool:
+        """Apply a round's outcome or error. Sync. True if ``error`` must propagate from
+        entry (a misconfiguration)."""
+        outcome_name: RoundOutcome = "failed"
+        propagate = False
+        if error is None:
+            assert outcome is not None
             change = self._core.round_succeeded(trio.current_time(), outcome)
             outcome_name = change.value
             self._round_done(change)
+        elif isinstance(error, TableMissing):
+            self._round_failed(error, retry_after=self._config.interval)
+            self._drop_connection()
+            if not self._table_missing_logged:
+                self._table_missing_logged = True
+                log.warning("trio-peers %s: %s; staying follower", self.name, error)
+        elif isinstance(error, BackendMisconfigured | SchemaError):
+            self._round_failed(error, retry_after=self._config.interval)
+            self._drop_connection()
+            propagate = entry
+            if not entry:
+                log.error("trio-peers %s: %s", self.name, error)
+        elif isinstance(error, BackendUnavailable | TimeoutError | trio.TooSlowError):
+            self._round_failed(error)
+            self._drop_connection()
+        else:
+            # A bug (ours, the driver's, the backend's): it costs this round and the
+            # connection, never the application. Cancellation is not an Exception.
+            self._round_failed(error)
+            self._drop_connection()
+            self._unexpected.report(f"{self.name} ({self.node})", "an election round", error)
+        if self._on_event is not None:
+            self._emit_round(started, outcome_name, error)
+        self._round_over()
+        return propagate
+
+    def _round_over(self) -> None:
+        self._round_finished.set()
+        self._round_finished = trio.Event()
+
+    # -------------------------------------------------- rounds driven by a shared session
+
+    def _next_wake(self) -> float:
+        wake_at = self._core.next_round_at
+        if self._aligner is not None:
+            # A session moves periodic rounds onto instants shared with other names.
+            wake_at = self._aligner(wake_at, self._core.next_round_earliest)
+        return wake_at
+
+    def _inline_round(self) -> tuple[float, int | None] | None:
+        """Start this name's due round for a shared session's one task. Sync.
+
+        Only from the steady state: the loop is parked waiting for its next round, with a
+        connection and nothing in flight. The session sends the bid in its next batch
+        and reports back to :meth:`_inline_round_done`; the loop's task never wakes. On
+        ``None`` the session wakes the loop instead, which runs the round itself.
+        """
+        if not self._parked or self._closing or self._conn is None or self._winding_down():
+            return None
+        if self._next_wake() > trio.current_time():
+            return None
+        try:
+            self._conn_lock.acquire_nowait()
+        except trio.WouldBlock:
+            return None
+        begun = self._begin_round()
+        assert begun is not None  # not closing, not winding down
+        return begun
+
+    def _inline_round_done(
+        self, started: float, outcome: ElectionOutcome | None, error: Exception | None
+    ) -> None:
+        """The session's report of an inline round. Sync; called once per inline round."""
+        try:
+            self._end_round(started, outcome=outcome, error=error)
         finally:
-            if not finished:  # cancelled
-                self._core.abort_round(trio.current_time())
-                self._publish("closed")
-            elif self._on_event is not None:
-                self._emit_round(started, outcome_name, error)
-            self._round_finished.set()
-            self._round_finished = trio.Event()
+            self._conn_lock.release()
+        if self._parked and not self._closing:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """Register the parked loop's next round with the session's timer."""
+        assert self._timer is not None
+        wake_at = self._next_wake()
+        if wake_at <= trio.current_time():
+            self._resched.set()
+        elif wake_at < math.inf:
+            self._timer(wake_at)
 
     def _round_failed(self, exc: BaseException, *, retry_after: float | None = None) -> None:
         self._counters.elections_failed += 1
@@ -925,19 +1002,20 @@ class Peer(metaclass=NoPublicConstructor):
 
     async def _sleep_until_next_round(self) -> None:
         while True:
-            wake_at = self._core.next_round_at
-            if self._aligner is not None:
-                # A session moves periodic rounds onto instants shared with other names.
-                wake_at = self._aligner(wake_at, self._core.next_round_earliest)
+            wake_at = self._next_wake()
             if wake_at <= trio.current_time():
                 return  # noqa: ASYNC910 - due now; the round awaits right after
             self._resched = trio.Event()
             if self._timer is not None:
-                # A session's one timer sets the event at wake_at (one sleeping task for
-                # all names, rather than a timeout per name).
+                # A shared session's one task runs due rounds itself (_inline_round), so a
+                # parked loop wakes only when its schedule changes or the session cannot.
                 if wake_at < math.inf:
-                    self._timer(wake_at, self._resched)
-                await self._resched.wait()
+                    self._timer(wake_at)
+                self._parked = True
+                try:
+                    await self._resched.wait()
+                finally:
+                    self._parked = False
                 continue  # due, or the schedule changed: look again
             with trio.move_on_at(wake_at):
                 await self._resched.wait()
@@ -974,7 +1052,10 @@ class Peer(metaclass=NoPublicConstructor):
             kind = "ignored"
             self._counters.notifications_ignored += 1
         elif self._core.notified_down(trio.current_time(), down.term):
-            self._resched.set()
+            if self._timer is not None and self._parked:
+                self._timer(trio.current_time())  # in the session's next batch, with others
+            else:
+                self._resched.set()
         if self._on_event is not None:
             self._emit(
                 NotificationReceived(
@@ -1011,19 +1092,26 @@ class Peer(metaclass=NoPublicConstructor):
         user's ``async with`` body.
         """
         try:
-            async with open_connector() as connector, trio.open_nursery() as nursery:
-                self._connector = connector
-                self._nursery = nursery
-                try:
-                    await nursery.start(self._watchdog)
-                    await nursery.start(self._listener)
-                    await nursery.start(self._election_loop)
-                    task_status.started()
-                    await self._stop_requested.wait()
-                finally:
-                    with trio.move_on_after(_shutdown_bound(self._config), shield=True):
-                        await self._stop()
-                    nursery.cancel_scope.cancel()
+            with self._serve_scope:
+                async with open_connector() as connector, trio.open_nursery() as nursery:
+                    self._connector = connector
+                    self._nursery = nursery
+                    try:
+                        await nursery.start(self._watchdog)
+                        await nursery.start(self._listener)
+                        await nursery.start(self._election_loop)
+                        # Entered: from now on the peer stops only through _stop, which lets
+                        # a round in flight finish (a bid the server committed is then
+                        # released). The cancellation of the scope around the peer would
+                        # abandon it: run_peer stops the peer instead, and cancels this
+                        # scope only if that overran its bound.
+                        self._serve_scope.shield = True
+                        task_status.started()
+                        await self._stop_requested.wait()
+                    finally:
+                        with trio.move_on_after(_shutdown_bound(self._config), shield=True):
+                            await self._stop()
+                        nursery.cancel_scope.cancel()
         finally:
             self._served.set()
 
@@ -1190,6 +1278,7 @@ async def run_peer(
                         await peer._stop()
                     peer._stop_requested.set()
                     await peer._served.wait()
+                peer._serve_scope.cancel()  # (done already, unless the stop overran)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if body_error is not None:

@@ -125,11 +125,19 @@ class _Request:
     sent: bool = False
     result: object = None
     error: BaseException | None = None
+    # An inline round's report (Peer._inline_round_done): called instead of a task waking.
+    on_done: Callable[[object, BaseException | None], None] | None = None
 
     def finish(self, result: object = None, error: BaseException | None = None) -> None:
-        if not self.done.is_set():
-            self.result, self.error = result, error
-            self.done.set()
+        if self.done.is_set():
+            return
+        self.result, self.error = result, error
+        self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(result, error)
+            except Exception as exc:  # a bug: the session goes on serving the other names
+                log.error("trio-peers %s: an inline round failed", self.member.name, exc_info=exc)
 
 
 def _connection_lost(exc: BaseException) -> bool:
@@ -165,6 +173,34 @@ class _Member:
         self.peer: Peer | None = None
         self.attached = False
         self.on_lost: Callable[[], None] | None = None
+        self.timer_token = -1  # of this name's one live entry in the session's timer
+
+    def schedule(self, when: float) -> None:
+        """The peer's next round is due at ``when`` (the session's timer). Sync."""
+        self.session._schedule(self, when)
+
+    def inline_request(self) -> _Request | None:
+        """This name's due round, started for the session's next batch, or ``None``."""
+        peer = self.peer
+        if peer is None:
+            return None
+        begun = peer._inline_round()
+        if begun is None:
+            return None
+        started, held = begun
+
+        def done(result: object, error: BaseException | None) -> None:
+            if error is None:
+                assert isinstance(result, ElectionOutcome)
+                peer._inline_round_done(started, result, None)
+            else:
+                assert isinstance(error, Exception)
+                peer._inline_round_done(started, None, error)
+
+        elect = ElectRequest(
+            name=self.name, node=peer.node, lease=self.config.interval, held_term=held
+        )
+        return _Request("elect", self, self.statement_timeout, elect=elect, on_done=done)
 
     # BackendConnector
     async def connect(
@@ -267,9 +303,8 @@ class PeerSession(metaclass=NoPublicConstructor):
             maxlen=_NOTIFY_BUFFER
         )
         self._payloads_ready = trio.Event()
-        self._timers: list[tuple[float, int, trio.Event]] = []
+        self._timers: list[tuple[float, int, _Member]] = []
         self._timer_seq = itertools.count()
-        self._timer_changed = trio.Event()
         self._closed = False
         self._nursery: trio.Nursery | None = None
         self._serve_scope = trio.CancelScope(shield=True)
@@ -429,7 +464,7 @@ class PeerSession(metaclass=NoPublicConstructor):
             sender=self._sender,
             queue_wait=config.effective_statement_timeout if self._shared else 0.0,
             aligner=aligned_wake if self._shared else None,
-            timer=self._wake_at if self._shared else None,
+            timer=member.schedule if self._shared else None,
         )
         member.peer = peer
         self._members[key] = member
@@ -490,16 +525,48 @@ class PeerSession(metaclass=NoPublicConstructor):
     async def _batcher(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        """The session's one worker: runs the due rounds and queued requests in batches.
+
+        A due round of a parked peer starts here (:meth:`_collect_due`) and its outcome is
+        applied here: in the steady state no peer task wakes at all, and a timeout serves
+        every name.
+        """
         task_status.started()
         while True:
+            self._collect_due(trio.current_time())
             if not self._queue:
                 self._queue_ready = trio.Event()
-                await self._queue_ready.wait()
+                deadline = self._timers[0][0] if self._timers else math.inf
+                with trio.move_on_at(deadline):
+                    await self._queue_ready.wait()
+                continue
             batch, self._queue = self._queue, []
             for request in batch:
                 request.sent = True
             self._batches += 1
             await self._run_batch(batch)
+
+    def _schedule(self, member: _Member, when: float) -> None:
+        """Register ``member``'s next round (replacing any earlier entry). Sync."""
+        token = next(self._timer_seq)
+        member.timer_token = token
+        heapq.heappush(self._timers, (when, token, member))
+        if self._timers[0][1] == token:
+            self._queue_ready.set()  # a new earliest deadline
+
+    def _collect_due(self, now: float) -> None:
+        """Start the rounds due by ``now``: inline when the peer allows, else wake it."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, token, member = heapq.heappop(timers)
+            if token != member.timer_token:
+                continue  # replaced by a later registration
+            member.timer_token = -1
+            request = member.inline_request() if not self._closed else None
+            if request is not None:
+                self._queue.append(request)
+            elif member.peer is not None:
+                member.peer._resched.set()
 
     async def _run_batch(self, batch: list[_Request]) -> None:
         try:
@@ -646,27 +713,6 @@ class PeerSession(metaclass=NoPublicConstructor):
 
         return on_lost
 
-    def _wake_at(self, when: float, event: trio.Event) -> None:
-        """Set ``event`` at ``when`` (the peers' one shared timer). Sync."""
-        heapq.heappush(self._timers, (when, next(self._timer_seq), event))
-        if self._timers[0][2] is event:
-            self._timer_changed.set()  # a new earliest deadline
-
-    async def _timer(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Sets each peer's wake-up event when it is due: one sleeping task and one timeout
-        for all names, however many, and names due at one instant wake together."""
-        task_status.started()
-        while True:
-            now = trio.current_time()
-            while self._timers and self._timers[0][0] <= now:
-                heapq.heappop(self._timers)[2].set()
-            self._timer_changed = trio.Event()
-            deadline = self._timers[0][0] if self._timers else math.inf
-            with trio.move_on_at(deadline):
-                await self._timer_changed.wait()
-
     def _on_notification(self, channel: str, payload: str) -> None:
         # Called from the backend's callback: no raising, no blocking.
         self._payloads.append((channel, payload))
@@ -726,7 +772,6 @@ class PeerSession(metaclass=NoPublicConstructor):
                 self._nursery = nursery
                 await nursery.start(self._batcher)
                 await nursery.start(self._listener)
-                await nursery.start(self._timer)
                 task_status.started()
                 try:
                     await trio.sleep_forever()
