@@ -255,7 +255,8 @@ def run(
             )
             log(
                 f"scaling: {n} names at {interval} s: {row['connections']:.0f} connections, "
-                f"open {row['open_s']:.2f} s, exit {row['exit_s']:.2f} s, "
+                f"idle CPU {100 * row['cpu_leader']:.1f}% (leader) "
+                f"{100 * row['cpu_follower']:.1f}% (follower), open {row['open_s']:.2f} s, exit {row['exit_s']:.2f} s, "
                 f"handover of all {row['handover_all_s']:.2f} s, "
                 f"{row['commits_per_s']:.1f} commits/s, failed rounds "
                 f"{row['failed_rounds_leader']} (leader) {row['failed_rounds_follower']} (follower)"

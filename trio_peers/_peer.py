@@ -223,6 +223,7 @@ class Peer(metaclass=NoPublicConstructor):
         queue_wait: float = 0.0,
         aligner: Callable[[float, float], float] | None = None,
         timer: Callable[[float], None] | None = None,
+        own_listener: bool = True,
     ) -> None:
         now = trio.current_time()
         self._config = config
@@ -255,6 +256,8 @@ class Peer(metaclass=NoPublicConstructor):
         self._watch_scope: trio.CancelScope | None = None
         self._loop_scope = trio.CancelScope()
         self._serve_scope = trio.CancelScope()  # shielded once entered (see _serve)
+        self._self_ending: set[trio.lowlevel.Task] = set()  # tasks that _stop ends
+        self._own_listener = own_listener
         self._loop_done = trio.Event()
         self._leader_scopes: set[LeaderScope] = set()
         self._counters = _Counters()
@@ -267,7 +270,7 @@ class Peer(metaclass=NoPublicConstructor):
         self._stop_started = False
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
-        self._round_finished = trio.Event()
+        self._round_finished: trio.Event | None = None  # made by a waiter (get_leader)
         self._unexpected = _ErrorLog(_UNEXPECTED_LOG_PERIOD)
 
     # ------------------------------------------------------------------ public API
@@ -371,6 +374,8 @@ class Peer(metaclass=NoPublicConstructor):
             while True:
                 if self._closing:
                     raise trio.ClosedResourceError("the peer is closed")
+                if self._round_finished is None:
+                    self._round_finished = trio.Event()
                 finished = self._round_finished
                 async with self._conn_lock:
                     if self._closing:
@@ -697,6 +702,8 @@ class Peer(metaclass=NoPublicConstructor):
 
     def _winding_down(self) -> bool:
         """Leader-only work of an ended tenure is still running (cancelled, not done)."""
+        if not self._leader_scopes:
+            return False  # (each round asks)
         return any(scope.cancel_scope.cancel_called for scope in self._leader_scopes)
 
     def _watch_overrun_soon(self, scope: LeaderScope) -> None:
@@ -892,8 +899,9 @@ class Peer(metaclass=NoPublicConstructor):
         return propagate
 
     def _round_over(self) -> None:
-        self._round_finished.set()
-        self._round_finished = trio.Event()
+        if self._round_finished is not None:
+            self._round_finished.set()
+            self._round_finished = None
 
     # -------------------------------------------------- rounds driven by a shared session
 
@@ -914,8 +922,8 @@ class Peer(metaclass=NoPublicConstructor):
         """
         if not self._parked or self._closing or self._conn is None or self._winding_down():
             return None
-        if self._next_wake() > trio.current_time():
-            return None
+        if self._core.next_round_earliest > trio.current_time():
+            return None  # (its schedule moved since it was registered)
         try:
             self._conn_lock.acquire_nowait()
         except trio.WouldBlock:
@@ -990,6 +998,7 @@ class Peer(metaclass=NoPublicConstructor):
     async def _election_loop(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        self._self_ending.add(trio.lowlevel.current_task())
         try:
             with self._loop_scope:
                 await self._run_round(entry=True)
@@ -1066,6 +1075,7 @@ class Peer(metaclass=NoPublicConstructor):
     async def _watchdog(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        self._self_ending.add(trio.lowlevel.current_task())
         task_status.started()
         while True:
             with trio.CancelScope() as scope:
@@ -1075,6 +1085,8 @@ class Peer(metaclass=NoPublicConstructor):
                     self._core.trusted_until if self._core.is_leader(now) else math.inf
                 )
                 await trio.sleep_forever()
+            if self._stop_started:
+                return  # (_stop ends it so: a task that returns costs less than a cancel)
             self._publish()
 
     # ------------------------------------------------------------------ lifecycle
@@ -1098,7 +1110,8 @@ class Peer(metaclass=NoPublicConstructor):
                     self._nursery = nursery
                     try:
                         await nursery.start(self._watchdog)
-                        await nursery.start(self._listener)
+                        if self._own_listener:
+                            await nursery.start(self._listener)
                         await nursery.start(self._election_loop)
                         # Entered: from now on the peer stops only through _stop, which lets
                         # a round in flight finish (a bid the server committed is then
@@ -1111,7 +1124,11 @@ class Peer(metaclass=NoPublicConstructor):
                     finally:
                         with trio.move_on_after(_shutdown_bound(self._config), shield=True):
                             await self._stop()
-                        nursery.cancel_scope.cancel()
+                        # The loop and the watchdog return by themselves once stopped (a
+                        # cancellation would cost each peer's exit more than the rest of
+                        # it): cancel only what else runs (a listener, an overrun watcher).
+                        if set(nursery.child_tasks) - self._self_ending:
+                            nursery.cancel_scope.cancel()
         finally:
             self._served.set()
 
@@ -1211,6 +1228,9 @@ class Peer(metaclass=NoPublicConstructor):
             await self._loop_done.wait()
             self._cell.close()
         finally:
+            self._loop_scope.cancel()  # (already, unless the stop overran its bound)
+            if self._watch_scope is not None:
+                self._watch_scope.cancel()  # the watchdog returns
             self._stopped.set()
 
     async def _close_connection(self) -> None:
@@ -1279,7 +1299,8 @@ async def run_peer(
                     peer._stop_requested.set()
                     await peer._served.wait()
                 peer._serve_scope.cancel()  # (done already, unless the stop overran)
-                nursery.cancel_scope.cancel()
+                if nursery.child_tasks:
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if body_error is not None:
             # The body's own exception, as raised; the peer's failure is its __context__.

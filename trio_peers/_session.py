@@ -121,7 +121,8 @@ class _Request:
     statement_timeout: float
     elect: ElectRequest | None = None
     release: ReleaseRequest | None = None
-    done: trio.Event = attrs.Factory(trio.Event)
+    done: trio.Event | None = None  # for a task that waits (not for an inline round)
+    finished: bool = False
     sent: bool = False
     result: object = None
     error: BaseException | None = None
@@ -129,10 +130,12 @@ class _Request:
     on_done: Callable[[object, BaseException | None], None] | None = None
 
     def finish(self, result: object = None, error: BaseException | None = None) -> None:
-        if self.done.is_set():
+        if self.finished:
             return
+        self.finished = True
         self.result, self.error = result, error
-        self.done.set()
+        if self.done is not None:
+            self.done.set()
         if self.on_done is not None:
             try:
                 self.on_done(result, error)
@@ -465,6 +468,7 @@ class PeerSession(metaclass=NoPublicConstructor):
             queue_wait=config.effective_statement_timeout if self._shared else 0.0,
             aligner=aligned_wake if self._shared else None,
             timer=member.schedule if self._shared else None,
+            own_listener=False,  # the session's listener calls Peer._handle_down
         )
         member.peer = peer
         self._members[key] = member
@@ -505,10 +509,11 @@ class PeerSession(metaclass=NoPublicConstructor):
             if request.error is not None:
                 raise request.error
             return request.result
+        request.done = done = trio.Event()
         self._queue.append(request)
         self._queue_ready.set()
         try:
-            await request.done.wait()
+            await done.wait()
         except BaseException:
             # Given up (the peer's guard, or it closes): unsent, it leaves the queue; sent,
             # its result is dropped (as a statement abandoned mid-flight).
@@ -691,7 +696,7 @@ class PeerSession(metaclass=NoPublicConstructor):
             self._conn_gen += 1
             self._prepared = set()
             conn.abort()
-            self._tell_lost(skip={r.member for r in batch if not r.done.is_set()})
+            self._tell_lost(skip={r.member for r in batch if not r.finished})
 
     def _tell_lost(self, skip: frozenset[_Member] | set[_Member] = frozenset()) -> None:
         for member in list(self._members.values()):
