@@ -369,3 +369,50 @@ async def test_a_timed_out_get_leader_leaves_the_session_connection_and_leadersh
             assert session.statistics().connects == 1 and session.statistics().connected
             info = await peers[NAMES[0]].get_leader()
             assert info is not None and info.node == "a"
+
+
+async def test_an_outage_is_logged_once_for_all_names_not_once_per_name(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: each of a session's names logged a missing table and a lost database at
+    WARNING itself: 1,000 names, 1,000 identical lines per outage. Now the first name
+    logs it for all (and the recovery is logged when the last name recovers)."""
+
+    def lines(level: int, text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == level and text in r.msg]
+
+    backend = MemoryBackend(tables=())
+    with caplog.at_level(logging.INFO, logger="trio_peers"):
+        async with trio.open_nursery() as nursery:
+            async with session_in_task(nursery, backend, "a") as (_, a, _):
+                assert not any(p.is_leader for p in a.values())
+                assert len(lines(logging.WARNING, "staying follower")) == 1
+                assert "all of this session's names" in lines(logging.WARNING, "follower")[0]
+                backend.create_table()
+                with trio.fail_after(3 * INTERVAL):
+                    for peer in a.values():
+                        await peer.wait_leader()
+                assert len(lines(logging.INFO, "lease table found")) == 1
+
+                backend.set_available(False)
+                with trio.fail_after(3 * INTERVAL):
+                    for peer in a.values():
+                        await peer.wait_follower()
+                await trio.sleep(5 * INTERVAL)  # many failed retries of every name
+                first = lines(logging.WARNING, "stepping down and retrying")
+                causes = [line.split("retrying: ")[1] for line in first]
+                # One line per kind of fault (the connection lost, then refused), for all.
+                assert len(causes) == len(set(causes)) <= 2, first
+                backend.set_available(True)
+                with trio.fail_after(10 * INTERVAL):
+                    for peer in a.values():
+                        await peer.wait_leader()
+                assert len(lines(logging.INFO, "reachable again")) == 1
+                # A second outage is news again.
+                backend.set_available(False)
+                with trio.fail_after(3 * INTERVAL):
+                    for peer in a.values():
+                        await peer.wait_follower()
+                again = lines(logging.WARNING, "stepping down and retrying")
+                assert len(first) < len(again) <= 2 * len(first)
+                nursery.cancel_scope.cancel()

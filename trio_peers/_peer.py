@@ -53,7 +53,7 @@ from ._exceptions import (
 )
 from ._fence import Fence, make_fence
 from ._sql import Statements
-from ._util import NoPublicConstructor, raise_single
+from ._util import NoPublicConstructor, SharedLog, raise_single
 
 if TYPE_CHECKING:
     import asyncpg
@@ -224,6 +224,7 @@ class Peer(metaclass=NoPublicConstructor):
         aligner: Callable[[float, float], float] | None = None,
         timer: Callable[[float], None] | None = None,
         own_listener: bool = True,
+        shared_log: SharedLog | None = None,
     ) -> None:
         now = trio.current_time()
         self._config = config
@@ -258,6 +259,7 @@ class Peer(metaclass=NoPublicConstructor):
         self._serve_scope = trio.CancelScope()  # shielded once entered (see _serve)
         self._self_ending: set[trio.lowlevel.Task] = set()  # tasks that _stop ends
         self._own_listener = own_listener
+        self._shared_log = shared_log if shared_log is not None else SharedLog()
         self._loop_done = trio.Event()
         self._leader_scopes: set[LeaderScope] = set()
         self._counters = _Counters()
@@ -751,17 +753,34 @@ class Peer(metaclass=NoPublicConstructor):
                 )
             )
         cause = _fault_cause(exc)
-        if cause not in self._fault_causes:
-            self._fault_causes.add(cause)
+        if cause not in self._fault_causes and self._enter_fault(cause):
             log.warning(
-                "trio-peers %s (%s): %s failed, stepping down and retrying: %s",
+                "trio-peers %s (%s): %s failed, stepping down and retrying: %s%s",
                 self.name,
                 self.node,
                 what,
                 self._counters.last_error,
+                self._shared_log.note,
             )
         else:
             log.debug("trio-peers %s: %s failed again: %s", self.name, what, exc)
+
+    def _enter_fault(self, cause: tuple[str, str]) -> bool:
+        """A new cause of faults for this peer; True if the first among its log's sharers."""
+        self._fault_causes.add(cause)
+        return self._shared_log.enter(("fault", cause))
+
+    def _leave_faults(self) -> bool:
+        """This peer's faults ended; True if they ended for the last of its log's sharers."""
+        last = False
+        for cause in self._fault_causes:
+            last = self._shared_log.leave(("fault", cause)) or last
+        self._fault_causes.clear()
+        return last
+
+    @property
+    def _table_key(self) -> tuple[str, str, str]:
+        return ("table missing", self._config.prefix, self._config.table)
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -877,7 +896,13 @@ class Peer(metaclass=NoPublicConstructor):
             self._drop_connection()
             if not self._table_missing_logged:
                 self._table_missing_logged = True
-                log.warning("trio-peers %s: %s; staying follower", self.name, error)
+                if self._shared_log.enter(self._table_key):
+                    log.warning(
+                        "trio-peers %s: %s; staying follower%s",
+                        self.name,
+                        error,
+                        self._shared_log.note,
+                    )
         elif isinstance(error, BackendMisconfigured | SchemaError):
             self._round_failed(error, retry_after=self._config.interval)
             self._drop_connection()
@@ -974,11 +999,17 @@ class Peer(metaclass=NoPublicConstructor):
     def _round_done(self, change: Change) -> None:
         if self._faulty:
             self._faulty = False
-            self._fault_causes.clear()
-            log.info("trio-peers %s (%s): database reachable again", self.name, self.node)
+            if self._leave_faults():
+                log.info(
+                    "trio-peers %s (%s): database reachable again%s",
+                    self.name,
+                    self.node,
+                    self._shared_log.note,
+                )
         if self._table_missing_logged:
             self._table_missing_logged = False
-            log.info("trio-peers %s: lease table found", self.name)
+            if self._shared_log.leave(self._table_key):
+                log.info("trio-peers %s: lease table found%s", self.name, self._shared_log.note)
         if change in (Change.GAINED, Change.REPLACED):
             self._counters.tenures_gained += 1
         if change is Change.BUSY:
@@ -1229,6 +1260,9 @@ class Peer(metaclass=NoPublicConstructor):
             self._cell.close()
         finally:
             self._loop_scope.cancel()  # (already, unless the stop overran its bound)
+            self._leave_faults()  # the sharers of its log log for themselves now
+            if self._table_missing_logged:
+                self._shared_log.leave(self._table_key)
             if self._watch_scope is not None:
                 self._watch_scope.cancel()  # the watchdog returns
             self._stopped.set()

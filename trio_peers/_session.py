@@ -72,7 +72,7 @@ from ._exceptions import (
 )
 from ._peer import Peer, check_event_hook, run_peer
 from ._sql import Statements, unlogged_warning
-from ._util import NoPublicConstructor, raise_single
+from ._util import NoPublicConstructor, SharedLog, raise_single
 
 log: Final = logging.getLogger("trio_peers")
 
@@ -309,6 +309,8 @@ class PeerSession(metaclass=NoPublicConstructor):
         self._timers: list[tuple[float, int, _Member]] = []
         self._timer_seq = itertools.count()
         self._closed = False
+        # Faults of the connection (and of a table) are logged once for all of the names.
+        self._log = SharedLog(" (said once for all of this session's names)")
         self._nursery: trio.Nursery | None = None
         self._serve_scope = trio.CancelScope(shield=True)
         self._connects = 0
@@ -469,6 +471,7 @@ class PeerSession(metaclass=NoPublicConstructor):
             aligner=aligned_wake if self._shared else None,
             timer=member.schedule if self._shared else None,
             own_listener=False,  # the session's listener calls Peer._handle_down
+            shared_log=self._log if self._shared else None,
         )
         member.peer = peer
         self._members[key] = member

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 from abc import ABCMeta
+from collections.abc import Hashable
 from typing import Any, NoReturn, TypeVar
 
 import trio
@@ -18,6 +20,34 @@ class NoPublicConstructor(ABCMeta):
 
     def _create(cls: type[T], *args: Any, **kwargs: Any) -> T:
         return super().__call__(*args, **kwargs)  # type: ignore[misc,no-any-return]
+
+
+class SharedLog:
+    """Which conditions are worth one log line among the peers that share this object.
+
+    Each peer :meth:`enter` s a condition (a missing table, a kind of fault) when it meets
+    it and :meth:`leave` s it when it ends (or the peer closes). A session's names share
+    one, so an outage is logged once for all of them rather than once per name; a peer of
+    its own has one to itself. Sync.
+    """
+
+    def __init__(self, note: str = "") -> None:
+        self.note = note  # appended to the lines logged for all of the sharers
+        self._counts: collections.Counter[Hashable] = collections.Counter()
+
+    def enter(self, key: Hashable) -> bool:
+        """One more peer meets ``key``; True if it is the first (log it)."""
+        self._counts[key] += 1
+        return self._counts[key] == 1
+
+    def leave(self, key: Hashable) -> bool:
+        """One peer less meets ``key``; True if it was the last (log the recovery)."""
+        left = self._counts[key] - 1
+        if left > 0:
+            self._counts[key] = left
+            return False
+        del self._counts[key]
+        return True
 
 
 def fixup_module_metadata(module_name: str, namespace: dict[str, object]) -> None:
