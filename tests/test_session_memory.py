@@ -416,3 +416,43 @@ async def test_an_outage_is_logged_once_for_all_names_not_once_per_name(
                 again = lines(logging.WARNING, "stepping down and retrying")
                 assert len(first) < len(again) <= 2 * len(first)
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_paused_session_publishes_every_names_loss_when_its_trust_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The session's one watchdog (not a task per name) publishes each leader's loss once
+    its trust has ended without a renewal (here: the process paused past it), before the
+    renewal that follows makes it leader again: the hook sees the loss and every
+    leadership() reader sees the gap (its next value's version skips the loss)."""
+    from trio_peers import LeadershipLost, PeerEvent
+
+    losses: dict[str, LeadershipLost] = {}
+
+    def hook(event: PeerEvent) -> None:
+        if isinstance(event, LeadershipLost):
+            losses.setdefault(event.name, event)
+
+    backend = MemoryBackend()
+    async with open_session("memory://", backend=backend, node="a", on_event=hook) as session:
+        async with session.open_peers(NAMES[:10], interval=INTERVAL) as peers:
+            channels = {name: peer.leadership() for name, peer in peers.items()}
+            first = {name: await channel.receive() for name, channel in channels.items()}
+            assert all(change.is_leader for change in first.values())
+            ends = {}
+            for name, peer in peers.items():
+                trusted_for = peer.statistics().trusted_for
+                assert trusted_for is not None
+                ends[name] = trio.current_time() + trusted_for
+            # The process "pauses" past every trust deadline, not past the leases.
+            autojump_clock.jump(max(ends.values()) - trio.current_time() + 0.001)
+            with trio.fail_after(INTERVAL):
+                for name, channel in channels.items():
+                    after = await channel.receive()
+                    assert after.version >= first[name].version + 2 or not after.is_leader
+            assert set(losses) == set(NAMES[:10])
+            for name, lost in losses.items():
+                assert lost.reason == "trust expired" and lost.at >= ends[name], lost
+            with trio.fail_after(INTERVAL):
+                for peer in peers.values():
+                    assert await peer.wait_leader() == 1  # the same tenure resumed

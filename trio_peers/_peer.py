@@ -225,6 +225,7 @@ class Peer(metaclass=NoPublicConstructor):
         timer: Callable[[float], None] | None = None,
         own_listener: bool = True,
         shared_log: SharedLog | None = None,
+        watch: Callable[[float], None] | None = None,
     ) -> None:
         now = trio.current_time()
         self._config = config
@@ -259,6 +260,10 @@ class Peer(metaclass=NoPublicConstructor):
         self._serve_scope = trio.CancelScope()  # shielded once entered (see _serve)
         self._self_ending: set[trio.lowlevel.Task] = set()  # tasks that _stop ends
         self._own_listener = own_listener
+        # A shared session's one watchdog calls _publish at the trust deadline it is given
+        # (rather than a task and a cancel scope per name).
+        self._watch = watch
+        self._watching = math.inf
         self._shared_log = shared_log if shared_log is not None else SharedLog()
         self._loop_done = trio.Event()
         self._leader_scopes: set[LeaderScope] = set()
@@ -667,7 +672,11 @@ class Peer(metaclass=NoPublicConstructor):
                 if self._on_event is not None and term is not None:
                     self._emit(LeadershipGained(name=self.name, node=self.node, term=term, at=now))
         deadline = self._core.trusted_until if leader else math.inf
-        if self._watch_scope is not None:
+        if self._watch is not None:
+            if deadline != self._watching and deadline < math.inf:
+                self._watch(deadline)
+            self._watching = deadline
+        elif self._watch_scope is not None:
             self._watch_scope.deadline = deadline
         for scope in self._leader_scopes:
             if not leader or term != scope.term:
@@ -1140,7 +1149,8 @@ class Peer(metaclass=NoPublicConstructor):
                     self._connector = connector
                     self._nursery = nursery
                     try:
-                        await nursery.start(self._watchdog)
+                        if self._watch is None:
+                            await nursery.start(self._watchdog)
                         if self._own_listener:
                             await nursery.start(self._listener)
                         await nursery.start(self._election_loop)

@@ -177,6 +177,11 @@ class _Member:
         self.attached = False
         self.on_lost: Callable[[], None] | None = None
         self.timer_token = -1  # of this name's one live entry in the session's timer
+        self.watch_token = -1  # of its one live entry in the session's watchdog
+
+    def watch(self, when: float) -> None:
+        """The peer's trust ends at ``when`` unless renewed (the session's watchdog)."""
+        self.session._watch(self, when)
 
     def schedule(self, when: float) -> None:
         """The peer's next round is due at ``when`` (the session's timer). Sync."""
@@ -308,6 +313,8 @@ class PeerSession(metaclass=NoPublicConstructor):
         self._payloads_ready = trio.Event()
         self._timers: list[tuple[float, int, _Member]] = []
         self._timer_seq = itertools.count()
+        self._watches: list[tuple[float, int, _Member]] = []
+        self._watches_changed = trio.Event()
         self._closed = False
         # Faults of the connection (and of a table) are logged once for all of the names.
         self._log = SharedLog(" (said once for all of this session's names)")
@@ -472,6 +479,7 @@ class PeerSession(metaclass=NoPublicConstructor):
             timer=member.schedule if self._shared else None,
             own_listener=False,  # the session's listener calls Peer._handle_down
             shared_log=self._log if self._shared else None,
+            watch=member.watch if self._shared else None,
         )
         member.peer = peer
         self._members[key] = member
@@ -561,6 +569,32 @@ class PeerSession(metaclass=NoPublicConstructor):
         heapq.heappush(self._timers, (when, token, member))
         if self._timers[0][1] == token:
             self._queue_ready.set()  # a new earliest deadline
+
+    def _watch(self, member: _Member, when: float) -> None:
+        """Publish ``member``'s peer at ``when`` (replacing any earlier entry). Sync."""
+        token = next(self._timer_seq)
+        member.watch_token = token
+        heapq.heappush(self._watches, (when, token, member))
+        if self._watches[0][1] == token:
+            self._watches_changed.set()
+
+    async def _watchdog(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Ends each peer's leadership at its trust deadline, on time, whatever the batcher
+        waits for (a renewal that hangs is the very case): one task for every name."""
+        task_status.started()
+        watches = self._watches
+        while True:
+            now = trio.current_time()
+            while watches and watches[0][0] <= now:
+                _, token, member = heapq.heappop(watches)
+                if token == member.watch_token and member.peer is not None:
+                    member.watch_token = -1
+                    member.peer._publish()
+            self._watches_changed = trio.Event()
+            with trio.move_on_at(watches[0][0] if watches else math.inf):
+                await self._watches_changed.wait()
 
     def _collect_due(self, now: float) -> None:
         """Start the rounds due by ``now``: inline when the peer allows, else wake it."""
@@ -780,6 +814,8 @@ class PeerSession(metaclass=NoPublicConstructor):
                 self._nursery = nursery
                 await nursery.start(self._batcher)
                 await nursery.start(self._listener)
+                if self._shared:
+                    await nursery.start(self._watchdog)
                 task_status.started()
                 try:
                     await trio.sleep_forever()
