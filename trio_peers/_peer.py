@@ -673,9 +673,11 @@ class Peer(metaclass=NoPublicConstructor):
                     self._emit(LeadershipGained(name=self.name, node=self.node, term=term, at=now))
         deadline = self._core.trusted_until if leader else math.inf
         if self._watch is not None:
-            if deadline != self._watching and deadline < math.inf:
+            # One live entry at a time, moved only earlier: a renewal that extends trust
+            # leaves it, and when it fires (_watch_fired) it moves on to the new deadline.
+            if deadline < self._watching:
+                self._watching = deadline
                 self._watch(deadline)
-            self._watching = deadline
         elif self._watch_scope is not None:
             self._watch_scope.deadline = deadline
         for scope in self._leader_scopes:
@@ -684,6 +686,16 @@ class Peer(metaclass=NoPublicConstructor):
                 self._watch_overrun_soon(scope)
             else:
                 scope.cancel_scope.deadline = deadline
+
+    def _watch_fired(self) -> None:
+        """A shared session's watchdog: the trust deadline registered last has come."""
+        self._watching = math.inf
+        if self._core.is_leader(trio.current_time()) and not self._closing:
+            self._watching = self._core.trusted_until  # renewed since: watch the new one
+            assert self._watch is not None
+            self._watch(self._watching)
+        else:
+            self._publish()
 
     def _emit(self, event: PeerEvent) -> None:
         """Hand ``event`` to the hook. The hook's errors are logged, never raised."""
@@ -842,6 +854,11 @@ class Peer(metaclass=NoPublicConstructor):
         except trio.WouldBlock:
             await self._conn_lock.acquire()
         try:
+            if not entry and self._next_wake() > trio.current_time():
+                # The schedule moved while we waited for the lock (behind a shared
+                # session's inline round, which may also have begun a resign's hold).
+                await trio.lowlevel.checkpoint()
+                return
             await self._run_round_locked(entry=entry)
         finally:
             self._conn_lock.release()
@@ -972,10 +989,16 @@ class Peer(metaclass=NoPublicConstructor):
         """The session's report of an inline round. Sync; called once per inline round."""
         try:
             self._end_round(started, outcome=outcome, error=error)
+        except Exception as exc:
+            # An outcome the core refuses (a backend's bug): this round fails, as an
+            # error of the statement would, and the peer goes on.
+            if self._core.round_started_at is not None:
+                self._end_round(started, error=exc)
+            self._unexpected.report(f"{self.name} ({self.node})", "an election round", exc)
         finally:
             self._conn_lock.release()
-        if self._parked and not self._closing:
-            self._schedule()
+            if self._parked and not self._closing:
+                self._schedule()
 
     def _schedule(self) -> None:
         """Register the parked loop's next round with the session's timer."""
@@ -1125,9 +1148,9 @@ class Peer(metaclass=NoPublicConstructor):
                     self._core.trusted_until if self._core.is_leader(now) else math.inf
                 )
                 await trio.sleep_forever()
+            self._publish()
             if self._stop_started:
                 return  # (_stop ends it so: a task that returns costs less than a cancel)
-            self._publish()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1270,6 +1293,8 @@ class Peer(metaclass=NoPublicConstructor):
             self._cell.close()
         finally:
             self._loop_scope.cancel()  # (already, unless the stop overran its bound)
+            self._publish("closed")  # (already, unless the stop overran its bound)
+            self._cell.close()
             self._leave_faults()  # the sharers of its log log for themselves now
             if self._table_missing_logged:
                 self._shared_log.leave(self._table_key)
@@ -1329,22 +1354,32 @@ async def run_peer(
     body_error: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(peer._serve, open_connector)
+            try:
+                await nursery.start(peer._serve, open_connector)
+            except BaseException:
+                peer._serve_scope.cancel()  # (a KeyboardInterrupt can follow started())
+                raise
             try:
                 yield peer
             except BaseException as exc:
                 body_error = exc
             finally:
-                with trio.move_on_after(_shutdown_bound(config) + 1.0, shield=True):
-                    if not peer._served.is_set():
-                        # Stop from this task: one scheduling hop fewer before the
-                        # release statement (the backend names its loop itself).
-                        await peer._stop()
-                    peer._stop_requested.set()
-                    await peer._served.wait()
-                peer._serve_scope.cancel()  # (done already, unless the stop overran)
-                if nursery.child_tasks:
-                    nursery.cancel_scope.cancel()
+                try:
+                    with trio.move_on_after(_shutdown_bound(config) + 1.0, shield=True):
+                        try:
+                            if not peer._served.is_set():
+                                # Stop from this task: one scheduling hop fewer before the
+                                # release statement (the backend names its loop itself).
+                                await peer._stop()
+                        finally:
+                            peer._stop_requested.set()
+                        await peer._served.wait()
+                finally:
+                    # Whatever happened above (the stop overran, raised, or a
+                    # KeyboardInterrupt came), the shielded peer must end with the block.
+                    peer._serve_scope.cancel()
+                    if nursery.child_tasks:
+                        nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if body_error is not None:
             # The body's own exception, as raised; the peer's failure is its __context__.

@@ -198,12 +198,15 @@ class _Member:
         started, held = begun
 
         def done(result: object, error: BaseException | None) -> None:
+            if error is None and not isinstance(result, ElectionOutcome):
+                error = TypeError(f"the backend's elect returned {result!r}")
             if error is None:
                 assert isinstance(result, ElectionOutcome)
                 peer._inline_round_done(started, result, None)
-            else:
-                assert isinstance(error, Exception)
+            elif isinstance(error, Exception):
                 peer._inline_round_done(started, None, error)
+            else:  # (a request is finished with an Exception or a result)
+                peer._inline_round_done(started, None, BackendUnavailable(repr(error)))
 
         elect = ElectRequest(
             name=self.name, node=peer.node, lease=self.config.interval, held_term=held
@@ -560,7 +563,14 @@ class PeerSession(metaclass=NoPublicConstructor):
             for request in batch:
                 request.sent = True
             self._batches += 1
-            await self._run_batch(batch)
+            try:
+                await self._run_batch(batch)
+            finally:
+                # Cancelled (the session ends) or crashed mid-batch: no request of it may
+                # stay unanswered (an inline round would hold its peer's lock).
+                for request in batch:
+                    if not request.finished:
+                        request.finish(error=BackendUnavailable("the session is closed"))
 
     def _schedule(self, member: _Member, when: float) -> None:
         """Register ``member``'s next round (replacing any earlier entry). Sync."""
@@ -591,7 +601,7 @@ class PeerSession(metaclass=NoPublicConstructor):
                 _, token, member = heapq.heappop(watches)
                 if token == member.watch_token and member.peer is not None:
                     member.watch_token = -1
-                    member.peer._publish()
+                    member.peer._watch_fired()
             self._watches_changed = trio.Event()
             with trio.move_on_at(watches[0][0] if watches else math.inf):
                 await self._watches_changed.wait()
