@@ -9,11 +9,12 @@ connections of the benchmark database, the idle CPU of each process, commits/s a
 WAL bytes/s; then A leaves, and it times A's exit and the moment B leads every name.
 Without --dsn it starts a throwaway PostgreSQL (trio_peers.testing.PostgresServer).
 
-Today each name needs its own ``open_peer``, so its own connection and trio-asyncio
-loop: N names cost 2N connections for the two processes. Runs that would need more
-than ``--cap`` names per process are skipped and reported as such. Once
-``trio_peers.open_session`` exists (issue 10), ``--sessions auto`` (the default) uses
-it: one session per process, one ``s.open_peer(name=...)`` per name, and no cap.
+With ``--sessions on`` (``auto``, the default, when ``trio_peers.open_session`` exists)
+each process opens one session and enters all of its names with
+``session.open_peers(names)``, each name with a task reading its ``leadership()``; there
+is no cap. With ``--sessions off`` each name is an ``open_peer`` of its own (its own
+connection and trio-asyncio loop, so N names cost 2N connections for the two processes),
+and runs that would need more than ``--cap`` names per process are skipped.
 
 The same file is the peer process (``scaling.py peer DSN INTERVAL NAMES``), driven over
 stdin like the other benchmark peers: ``join`` opens every name (``opened``), and it
@@ -73,13 +74,9 @@ async def peer_main(dsn: str, interval: float, names: int, use_sessions: bool) -
     failed: list[int] = []
 
     async def one_name(
-        session: Any, name: str, leave: trio.Event, opened: list[int], all_open: trio.Event
+        name: str, leave: trio.Event, opened: list[int], all_open: trio.Event
     ) -> None:
-        if session is not None:
-            # The sessions API of issue 10 (expected shape; adjust here once it exists).
-            cm = session.open_peer(name=name, interval=interval)
-        else:
-            cm = trio_peers.open_peer(trio_peers.PeerConfig(dsn=dsn, name=name, interval=interval))
+        cm = trio_peers.open_peer(trio_peers.PeerConfig(dsn=dsn, name=name, interval=interval))
         async with trio.open_nursery() as nursery, cm as peer:
             nursery.start_soon(watch, peer)
             opened.append(1)
@@ -90,14 +87,28 @@ async def peer_main(dsn: str, interval: float, names: int, use_sessions: bool) -
             nursery.cancel_scope.cancel()
 
     async def run_all(leave: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
+        if use_sessions:
+            # Many names of one session enter and leave together: open_peers (their
+            # releases then go out as one statement before the peers wind down).
+            async with (
+                trio_peers.open_session(dsn) as session,
+                session.open_peers(all_names, interval=interval) as peers,
+                trio.open_nursery() as watchers,
+            ):
+                for peer in peers.values():
+                    watchers.start_soon(watch, peer)
+                emit("opened", leading=sum(peer.is_leader for peer in peers.values()))
+                task_status.started()
+                await leave.wait()
+                failed.extend(peer.statistics().elections_failed for peer in peers.values())
+                watchers.cancel_scope.cancel()
+            emit("left", failed_rounds=sum(failed))
+            return
         opened: list[int] = []
         all_open = trio.Event()
         async with trio.open_nursery() as nursery:
-            session = None
-            if use_sessions:
-                session = await nursery.start(_run_session, dsn, leave)
             for name in all_names:
-                nursery.start_soon(one_name, session, name, leave, opened, all_open)
+                nursery.start_soon(one_name, name, leave, opened, all_open)
             await all_open.wait()
             emit("opened", leading=len(leading))
             task_status.started()
@@ -117,15 +128,6 @@ async def peer_main(dsn: str, interval: float, names: int, use_sessions: bool) -
             elif command in ("quit", ""):
                 leave.set()
                 return
-
-
-async def _run_session(dsn: str, leave: Any, *, task_status: Any) -> None:
-    import trio_peers
-
-    open_session: Any = vars(trio_peers)["open_session"]  # issue 10's API, once it exists
-    async with open_session(dsn) as session:
-        task_status.started(session)
-        await leave.wait()
 
 
 # --------------------------------------------------------------------------- orchestrator

@@ -167,3 +167,88 @@ async def test_a_stop_that_overruns_still_ends_every_leadership_channel(
         with trio.fail_after(1):
             await ended.wait()
     assert seen[0] and seen[-1] is False
+
+
+async def _two_sessions(
+    backend: MemoryBackend, names: list[str], nursery: trio.Nursery
+) -> tuple[dict[str, Peer], dict[str, Peer], trio.Event, trio.Event]:
+    """Session a leads ``names``, session b follows; set the first event to make a leave
+    (through open_peers' exit); the second is set once a has left."""
+    leave, left = trio.Event(), trio.Event()
+    ready: list[dict[str, Peer]] = []
+
+    async def run(node: str, *, task_status: trio.TaskStatus[dict[str, Peer]]) -> None:
+        async with open_session("memory://", backend=backend, node=node) as session:
+            async with session.open_peers(names, interval=INTERVAL) as peers:
+                task_status.started(peers)
+                if node == "a":
+                    await leave.wait()
+                else:
+                    await trio.sleep_forever()
+        left.set()
+
+    ready.append(await nursery.start(run, "a"))
+    ready.append(await nursery.start(run, "b"))
+    return ready[0], ready[1], leave, left
+
+
+async def test_many_names_leaving_at_once_never_release_a_name_whose_work_still_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """open_peers' exit releases every idle leader in one statement before the peers stop;
+    a name whose leader-only work is still winding down is not among them: it is released
+    by its own stop once the work has ended, so its leadership never overlaps."""
+    backend = MemoryBackend()
+    names = [f"n{i}" for i in range(20)]
+    work_ended = trio.Event()
+    ended_at: list[float] = []
+
+    async def slow_to_stop() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.5)  # winds down for half a second
+            ended_at.append(trio.current_time())
+            work_ended.set()
+
+    async with trio.open_nursery() as nursery:
+        a, b, leave, left = await _two_sessions(backend, names, nursery)
+        nursery.start_soon(a["n3"].run_while_leader, slow_to_stop)
+        await trio.testing.wait_all_tasks_blocked()
+        leaving = trio.current_time()
+        leave.set()
+        others = [peer for name, peer in b.items() if name != "n3"]
+        await wait_for(lambda: all(p.is_leader for p in others), limit=0.1, poll=0.001)
+        assert not b["n3"].is_leader  # its work still runs in a
+        await b["n3"].wait_leader()
+        assert ended_at and trio.current_time() >= ended_at[0] >= leaving + 0.5
+        await left.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_many_names_leaving_at_once_retry_a_locked_row_until_it_is_free(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A row locked by another transaction comes back busy from the one release statement
+    of open_peers' exit; it is retried (as a single release is) and released once free."""
+    backend = MemoryBackend()
+    names = [f"n{i}" for i in range(20)]
+    async with trio.open_nursery() as nursery:
+        _, b, leave, left = await _two_sessions(backend, names, nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        backend.lock_row("n7")
+        leave.set()
+        others = [peer for name, peer in b.items() if name != "n7"]
+        await wait_for(lambda: all(p.is_leader for p in others), limit=0.1, poll=0.001)
+        row = backend.leader("n7")
+        assert row is not None and row.node == "a"  # not released while locked
+        await trio.sleep(0.2)
+        backend.unlock_row("n7")
+        unlocked = trio.current_time()
+        await left.wait()
+        assert trio.current_time() - unlocked < 0.2  # retried promptly, then left
+        row = backend.leader("n7")
+        assert row is None or row.node == "b"
+        await b["n7"].wait_leader()
+        nursery.cancel_scope.cancel()

@@ -1074,6 +1074,8 @@ class Peer(metaclass=NoPublicConstructor):
 
     async def _sleep_until_next_round(self) -> None:
         while True:
+            if self._closing:
+                await trio.sleep_forever()  # no more rounds: the stop cancels the loop
             wake_at = self._next_wake()
             if wake_at <= trio.current_time():
                 return  # noqa: ASYNC910 - due now; the round awaits right after
@@ -1200,6 +1202,10 @@ class Peer(metaclass=NoPublicConstructor):
         """Release ``term`` (caller holds the connection lock). Never raises for faults."""
         started = trio.current_time()
         released = await self._release_statement(term)
+        self._report_release(term, released, started)
+        return released
+
+    def _report_release(self, term: int, released: bool, started: float) -> None:
         if self._on_event is not None:
             now = trio.current_time()
             self._emit(
@@ -1212,7 +1218,23 @@ class Peer(metaclass=NoPublicConstructor):
                     at=now,
                 )
             )
-        return released
+
+    def _close_for_release(self) -> int | None:
+        """The sync first half of a stop, for a session that releases many names in one
+        statement: if no round is in flight, no leader-only work runs and no resign is
+        under way, end the tenure here (published at once) and return the term for the
+        caller to release, then publish (:meth:`_publish`). ``None``: nothing to release now
+        (the peer's own stop does what is left, as usual)."""
+        if self._stop_started or self._closing or self._core.closed:
+            return None
+        if self._core.round_started_at is not None or self._leader_scopes:
+            return None
+        if self._core.resigning or self._core.held_term is None:
+            return None
+        # No new rounds (the loop idles until the stop cancels it), no new leader-only work;
+        # is_leader is False from here on. The caller publishes once its release is queued.
+        self._closing = True
+        return self._core.close()
 
     async def _release_statement(self, term: int) -> bool:
         try:

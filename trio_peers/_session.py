@@ -421,6 +421,11 @@ class PeerSession(metaclass=NoPublicConstructor):
                 except BaseException as exc:
                     body_error = exc
                 finally:
+                    with trio.move_on_after(self._cleanup_timeout, shield=True):
+                        mine = set(peers.values())
+                        await self._release_first(
+                            [m for m in self._members.values() if m.peer in mine]
+                        )
                     leave.set()
         except BaseExceptionGroup as group:
             if body_error is not None:
@@ -837,13 +842,90 @@ class PeerSession(metaclass=NoPublicConstructor):
     async def _stop_members(self) -> None:
         """Stop the peers still open when the session ends, all at once: their releases
         run as one statement per table."""
-        peers = [m.peer for m in self._members.values() if m.peer is not None]
+        members = list(self._members.values())
+        await self._release_first(members)
+        peers = [m.peer for m in members if m.peer is not None]
         if not peers:
             await trio.lowlevel.checkpoint()
             return
         async with trio.open_nursery() as nursery:
             for peer in peers:
                 nursery.start_soon(peer._stop)
+
+    async def _release_first(self, members: Iterable[_Member]) -> None:
+        """Many names leave at once: end every idle leader's tenure and release them all in
+        one statement (per table) before any peer's own stop runs, so that the other
+        processes take every name over at once rather than as each peer's exit gets to its
+        release. A busy row is retried as a single release would be; a name that cannot go
+        this way (a round in flight, leader-only work winding down) is left to its own stop.
+        """
+        started = trio.current_time()
+        pending: list[tuple[_Member, Peer, int, _Request]] = []
+        for member in members:
+            peer = member.peer
+            if peer is None or self._closed or self._conn is None:
+                continue
+            term = peer._close_for_release()
+            if term is None:
+                continue
+            request = _Request(
+                "release",
+                member,
+                member.config.cleanup_timeout,
+                release=ReleaseRequest(name=member.name, node=peer.node, term=term),
+                done=trio.Event(),
+            )
+            pending.append((member, peer, term, request))
+            self._queue.append(request)
+        if not pending:
+            await trio.lowlevel.checkpoint()
+            return
+        self._queue_ready.set()
+        for _, peer, _, _ in pending:
+            peer._publish("closed")  # (after the queueing: the batcher is woken first)
+        await trio.lowlevel.checkpoint()  # the batcher sends them
+        limit = max(member.config.cleanup_timeout for member, _, _, _ in pending)
+        with trio.move_on_after(limit):
+            for _, _, _, request in pending:
+                assert request.done is not None
+                await request.done.wait()
+        failed: list[str] = []
+        busy: list[tuple[_Member, Peer, int]] = []
+        for member, peer, term, request in pending:
+            result = request.result
+            if isinstance(result, ReleaseOutcome) and result.busy:
+                busy.append((member, peer, term))
+                continue
+            released = isinstance(result, ReleaseOutcome) and result.released
+            if not request.finished or request.error is not None:
+                failed.append(member.name)
+            peer._report_release(term, released, started)
+        count = len(pending) - len(failed) - len(busy)
+        if count:
+            log.info("trio-peers: released %d lease(s) in one statement and notified", count)
+        if failed:
+            log.warning(
+                "trio-peers: could not release %d name(s) of the session (%s, ...); their "
+                "leases will lapse instead",
+                len(failed),
+                ", ".join(failed[:3]),
+            )
+        if busy:
+            async with trio.open_nursery() as nursery:
+                for member, peer, term in busy:
+                    nursery.start_soon(self._release_busy, member, peer, term, started)
+
+    async def _release_busy(self, member: _Member, peer: Peer, term: int, started: float) -> None:
+        released = False
+        await trio.lowlevel.checkpoint()
+        with contextlib.suppress(PeerError, TimeoutError, trio.TooSlowError):
+            released = await member.release(
+                node=peer.node,
+                term=term,
+                sender=self._sender,
+                statement_timeout=member.config.cleanup_timeout,
+            )
+        peer._report_release(term, released, started)
 
     async def _close(self) -> None:
         await trio.lowlevel.checkpoint()
