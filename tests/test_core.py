@@ -308,3 +308,26 @@ def test_deeply_nested_json_notification_is_malformed_not_an_error() -> None:
     """Any client may NOTIFY: 4000 bytes of nesting must not raise RecursionError."""
     assert parse_notification("[" * 2000 + "]" * 2000) is None
     assert parse_notification('{"down":' * 1500 + "1" + "}" * 1500) is None
+
+
+def test_the_core_decides_when_a_failed_round_is_retried_by_the_kind_of_fault() -> None:
+    """Faults that may pass at any moment back off (from 0.5 to 1x the base, doubling);
+    those an operator must fix (a missing table, a misconfiguration) are retried every
+    ``interval``, whatever the streak."""
+    for cause in ("table_missing", "misconfigured"):
+        core = ElectionCore(
+            interval=5.0, leader_boost=2.0, trust_margin=0.1, statement_timeout=1.0
+        )
+        now = 0.0
+        for _ in range(4):
+            core.start_round(now)
+            core.round_failed(now, cause=cause)
+            assert core.next_round_at == now + 5.0
+            now = core.next_round_at
+    for cause in ("unavailable", "unexpected"):
+        core = ElectionCore(
+            interval=5.0, leader_boost=2.0, trust_margin=0.1, statement_timeout=1.0
+        )
+        core.start_round(0.0)
+        core.round_failed(0.0, cause=cause)
+        assert 0 < core.next_round_at <= core.backoff_base

@@ -40,7 +40,7 @@ import enum
 import json
 import math
 import random
-from typing import Final, final
+from typing import Final, Literal, final
 
 import attrs
 
@@ -55,6 +55,10 @@ EXPIRY_SLACK_FRACTION: Final = 0.002
 BACKOFF_CAP: Final = 0.5
 #: A periodic round may run up to this fraction of its period early, to share a batch.
 ALIGN_FRACTION: Final = 0.25
+
+
+FailureCause = Literal["unavailable", "unexpected", "table_missing", "misconfigured"]
+"""What kind of fault failed a round (see :meth:`ElectionCore.round_failed`)."""
 
 
 class CoreError(Exception):
@@ -261,18 +265,23 @@ class ElectionCore:
         self._complete_requested_resign(now)
         return Change.BUSY
 
-    def round_failed(self, now: float, *, retry_after: float | None = None) -> Change:
+    def round_failed(self, now: float, *, cause: FailureCause = "unavailable") -> Change:
         """The statement of the current round failed (error or timeout) at ``now``.
 
         Trust ends at once; the tenure is remembered so a later round may resume it.
-        The next round comes after :meth:`backoff`, or after ``retry_after``
-        seconds if given (a missing table is retried every ``interval``).
+        The next round comes after :meth:`backoff` for a fault that may pass at any moment
+        (``"unavailable"``, ``"unexpected"``), and after one ``interval`` for one that an
+        operator must fix (``"table_missing"``, ``"misconfigured"``): the shell says which
+        kind of fault it was, the core decides when to try again.
         """
         self._finish_round(now)
         self._take_wake()
         self._distrust()
         self.failures += 1
-        delay = self.backoff(self.failures) if retry_after is None else retry_after
+        if cause in ("table_missing", "misconfigured"):
+            delay = self.interval
+        else:
+            delay = self.backoff(self.failures)
         self.next_round_at = now + delay
         self._complete_requested_resign(now)
         return Change.FAILED

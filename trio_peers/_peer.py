@@ -30,7 +30,14 @@ import trio
 from ._backend import BackendConnection, BackendConnector, LeaderInfo
 from ._cell import LeadershipCell, LeadershipChannel
 from ._config import PeerConfig
-from ._core import Change, Down, ElectionCore, ElectionOutcome, parse_notification
+from ._core import (
+    Change,
+    Down,
+    ElectionCore,
+    ElectionOutcome,
+    FailureCause,
+    parse_notification,
+)
 from ._events import (
     ElectionRound,
     EventHook,
@@ -918,7 +925,7 @@ class Peer(metaclass=NoPublicConstructor):
             outcome_name = change.value
             self._round_done(change)
         elif isinstance(error, TableMissing):
-            self._round_failed(error, retry_after=self._config.interval)
+            self._round_failed(error, "table_missing")
             self._drop_connection()
             if not self._table_missing_logged:
                 self._table_missing_logged = True
@@ -930,18 +937,18 @@ class Peer(metaclass=NoPublicConstructor):
                         self._shared_log.note,
                     )
         elif isinstance(error, BackendMisconfigured | SchemaError):
-            self._round_failed(error, retry_after=self._config.interval)
+            self._round_failed(error, "misconfigured")
             self._drop_connection()
             propagate = entry
             if not entry:
                 log.error("trio-peers %s: %s", self.name, error)
         elif isinstance(error, BackendUnavailable | TimeoutError | trio.TooSlowError):
-            self._round_failed(error)
+            self._round_failed(error, "unavailable")
             self._drop_connection()
         else:
             # A bug (ours, the driver's, the backend's): it costs this round and the
             # connection, never the application. Cancellation is not an Exception.
-            self._round_failed(error)
+            self._round_failed(error, "unexpected")
             self._drop_connection()
             self._unexpected.report(f"{self.name} ({self.node})", "an election round", error)
         if self._on_event is not None:
@@ -1009,9 +1016,9 @@ class Peer(metaclass=NoPublicConstructor):
         elif wake_at < math.inf:
             self._timer(wake_at)
 
-    def _round_failed(self, exc: BaseException, *, retry_after: float | None = None) -> None:
+    def _round_failed(self, exc: BaseException, cause: FailureCause) -> None:
         self._counters.elections_failed += 1
-        self._core.round_failed(trio.current_time(), retry_after=retry_after)
+        self._core.round_failed(trio.current_time(), cause=cause)
         if not isinstance(exc, TableMissing):
             self._note_fault(exc, "an election round")
         else:
