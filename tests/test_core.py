@@ -331,3 +331,24 @@ def test_the_core_decides_when_a_failed_round_is_retried_by_the_kind_of_fault() 
         core.start_round(0.0)
         core.round_failed(0.0, cause=cause)
         assert 0 < core.next_round_at <= core.backoff_base
+
+
+def test_bids_are_held_while_work_of_an_ended_tenure_winds_down() -> None:
+    """The core holds bids while the shell reports leader-only work still winding down, and
+    bids at once when it ends; but an end of work never moves a schedule it did not hold
+    (after a resign the peer must wait its resign hold)."""
+    core = ElectionCore(interval=5.0, leader_boost=2.0, trust_margin=0.1, statement_timeout=1.0)
+    core.start_round(0.0)
+    core.round_succeeded(0.0, ElectionOutcome(term=1, lease_remaining=5.0))
+    assert core.may_start_round(winding_down=False)
+    assert not core.may_start_round(winding_down=True)
+    assert core.next_round_at == math.inf  # held
+    assert core.wind_down_ended(3.0) and core.next_round_at == 3.0
+    # A schedule that was not held stands.
+    core.start_round(3.0)
+    core.round_succeeded(3.0, ElectionOutcome(term=1, lease_remaining=5.0))
+    scheduled = core.next_round_at
+    assert not core.wind_down_ended(4.0) and core.next_round_at == scheduled
+    core.start_round(scheduled)
+    with pytest.raises(CoreError):
+        core.may_start_round(winding_down=True)  # (never during a round)

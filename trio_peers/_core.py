@@ -388,16 +388,26 @@ class ElectionCore:
             self.next_round_at = min(self.next_round_at, now)
         return True
 
-    def hold(self) -> None:
-        """Bid no more until :meth:`wake` (leader-only work is still winding down)."""
+    def may_start_round(self, *, winding_down: bool) -> bool:
+        """Whether a round may start now. Not while leader-only work of an ended tenure
+        still winds down (``winding_down``, the shell's view of that work): a new tenure
+        would overlap it. Bids are then held until :meth:`wind_down_ended`."""
+        if not winding_down:
+            return True
         if self.round_started_at is not None:
             raise CoreError("cannot hold during a round")
-        self.next_round_at = math.inf
+        self.next_round_at = math.inf  # held
+        return False
 
-    def wake(self, now: float) -> None:
-        """Run the next round now (after :meth:`hold`, or on request)."""
-        if self.round_started_at is None:
-            self.next_round_at = min(self.next_round_at, now)
+    def wind_down_ended(self, now: float) -> bool:
+        """The last leader-only work of an ended tenure has finished. If bids were held for
+        it, the next round runs now (True: wake the loop). Otherwise the schedule stands:
+        after :meth:`resign` the peer must not bid at once and win back what it released.
+        """
+        if self.closed or self.round_started_at is not None or self.next_round_at != math.inf:
+            return False
+        self.next_round_at = now
+        return True
 
     def close(self) -> int | None:
         """The peer stops. Returns the term to release in the database, if any.

@@ -543,13 +543,9 @@ class Peer(metaclass=NoPublicConstructor):
                 scope.lost
                 and not self._closing
                 and not self._winding_down()
-                and self._core.next_round_at == math.inf  # held by core.hold()
+                and self._core.wind_down_ended(trio.current_time())
             ):
-                # The peer held its bids while this work wound down: bid again now.
-                # (Only then: after resign() the schedule must stand, or the peer
-                # would bid at once and win back the lease it just released.)
-                self._core.wake(trio.current_time())
-                self._resched.set()
+                self._resched.set()  # bids were held while this work wound down
 
     async def run_while_leader(
         self,
@@ -899,8 +895,7 @@ class Peer(metaclass=NoPublicConstructor):
         that work never overlaps a new tenure)."""
         if self._closing:
             return None
-        if self._winding_down():
-            self._core.hold()
+        if not self._core.may_start_round(winding_down=self._winding_down()):
             return None
         started = trio.current_time()
         held = self._core.start_round(started)
