@@ -45,12 +45,8 @@ from ._exceptions import (
     TrioPeersInternalError as TrioPeersInternalError,
 )
 from ._fence import Fence as Fence
-from ._peer import (
-    LeaderScope as LeaderScope,
-    Peer as Peer,
-    PeerStatistics as PeerStatistics,
-    current_term as current_term,
-)
+from ._leader_work import LeaderScope as LeaderScope, current_term as current_term
+from ._peer import Peer as Peer, PeerStatistics as PeerStatistics
 from ._session import (
     PeerSession as PeerSession,
     SessionStatistics as SessionStatistics,

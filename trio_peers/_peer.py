@@ -14,14 +14,12 @@ decides. Tasks (all in the peer's internal nursery):
 from __future__ import annotations
 
 import collections
-import contextlib
-import contextvars
 import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Final, Literal, TypeVarTuple, Unpack, final
 
 import attrs
@@ -59,6 +57,7 @@ from ._exceptions import (
     TenureLost,
 )
 from ._fence import Fence, make_fence
+from ._leader_work import LeaderScope, LeaderWork
 from ._sql import Statements
 from ._util import NoPublicConstructor, SharedLog, raise_single
 
@@ -77,29 +76,6 @@ _GUARD_SLACK: Final = 0.5
 _GET_LEADER_MIN_ROOM: Final = 0.002
 #: An unexpected error (a bug somewhere) is logged with its traceback at most this often.
 _UNEXPECTED_LOG_PERIOD: Final = 60.0
-
-_current_term: contextvars.ContextVar[int] = contextvars.ContextVar("trio_peers_current_term")
-
-
-def current_term() -> int:
-    """The fencing term of the tenure the calling leader-only work runs under.
-
-    Call it from inside :meth:`Peer.run_while_leader` work or a
-    :meth:`Peer.leader_scope` block, and pass it to downstream writes so that
-    they can reject a stale leader.
-
-    Raises:
-      RuntimeError: when not called from leader-only work.
-
-    .. versionadded:: 0.1
-    """
-    try:
-        return _current_term.get()
-    except LookupError:
-        raise RuntimeError(
-            "trio_peers.current_term() called outside leader-only work "
-            "(Peer.run_while_leader or Peer.leader_scope)"
-        ) from None
 
 
 @final
@@ -193,28 +169,6 @@ class _ErrorLog:
 
 
 @final
-class LeaderScope:
-    """Leader-only work's handle, from :meth:`Peer.leader_scope`.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, term: int, cancel_scope: trio.CancelScope, owner: str) -> None:
-        self.owner: str = owner
-        """What runs in the scope (the function's name), for log messages."""
-        self.term: int = term
-        """The tenure's fencing token."""
-        self.cancel_scope: trio.CancelScope = cancel_scope
-        """Cancelled when the tenure ends; its deadline tracks local trust."""
-        self.lost: bool = False
-        """True once the tenure ended while the block ran."""
-        self.done = trio.Event()
-        """Set when the block has finished (after any cancellation)."""
-        self.watched = False
-        self.overrun_logged = False
-
-
-@final
 class Peer(metaclass=NoPublicConstructor):
     """A member of a leader election. Get one from :func:`open_peer`.
 
@@ -273,7 +227,7 @@ class Peer(metaclass=NoPublicConstructor):
         self._watching = math.inf
         self._shared_log = shared_log if shared_log is not None else SharedLog()
         self._loop_done = trio.Event()
-        self._leader_scopes: set[LeaderScope] = set()
+        self._work = LeaderWork(config.name, config.node, config.cleanup_timeout)
         self._counters = _Counters()
         self._faulty = False
         self._fault_causes: set[tuple[str, str]] = set()
@@ -497,7 +451,7 @@ class Peer(metaclass=NoPublicConstructor):
             notifications_ignored=c.notifications_ignored,
             connects=c.connects,
             last_error=c.last_error,
-            leader_work_running=len(self._leader_scopes),
+            leader_work_running=len(self._work.scopes),
         )
 
     # ------------------------------------------------------------------ leader-only work
@@ -524,28 +478,13 @@ class Peer(metaclass=NoPublicConstructor):
         with self._tenure_scope(term, "a Peer.leader_scope() block") as scope:
             yield scope
 
-    @contextlib.contextmanager
-    def _tenure_scope(self, term: int, owner: str) -> Iterator[LeaderScope]:
+    def _tenure_scope(self, term: int, owner: str) -> AbstractContextManager[LeaderScope]:
         # No checkpoint between wait_leader() returning and the scope being bound.
-        cancel_scope = trio.CancelScope(deadline=self._core.trusted_until)
-        scope = LeaderScope(term, cancel_scope, owner)
-        self._leader_scopes.add(scope)
-        token = _current_term.set(term)
-        try:
-            with cancel_scope:
-                yield scope
-        finally:
-            _current_term.reset(token)
-            self._leader_scopes.discard(scope)
-            scope.lost = cancel_scope.cancel_called
-            scope.done.set()
-            if (
-                scope.lost
-                and not self._closing
-                and not self._winding_down()
-                and self._core.wind_down_ended(trio.current_time())
-            ):
-                self._resched.set()  # bids were held while this work wound down
+        return self._work.tenure_scope(term, owner, self._core.trusted_until, self._wound_down)
+
+    def _wound_down(self) -> None:
+        if not self._closing and self._core.wind_down_ended(trio.current_time()):
+            self._resched.set()  # bids were held while that work wound down
 
     async def run_while_leader(
         self,
@@ -621,7 +560,7 @@ class Peer(metaclass=NoPublicConstructor):
     async def _release_resigned(self, resignation: _Resignation) -> None:
         """After a resign: wait for leader-only work to end, then release what was given up."""
         try:
-            if not await self._await_leader_work():
+            if not await self._work.wait_stopped():
                 return  # work ignores cancellation: no release while it runs (logged)
             async with self._conn_lock:  # after a round in flight (it completes the resign)
                 term = self._core.take_release()
@@ -629,18 +568,6 @@ class Peer(metaclass=NoPublicConstructor):
                     resignation.released = await self._release(term)
         finally:
             resignation.done.set()
-
-    async def _await_leader_work(self) -> bool:
-        """Wait for cancelled leader-only work. False if it overran ``cleanup_timeout``."""
-        if not self._leader_scopes:
-            return True  # noqa: ASYNC910 - on the shutdown hot path; callers await next
-        with trio.move_on_after(self._config.cleanup_timeout, shield=True):
-            while self._leader_scopes:
-                await next(iter(self._leader_scopes)).done.wait()
-            return True  # noqa: ASYNC910
-        for scope in self._leader_scopes:
-            self._report_overrun(scope)
-        return False
 
     def _publish(self, reason: str = "trust expired") -> None:
         """Publish the core's current view; bind leader scopes and the watchdog to it.
@@ -683,12 +610,7 @@ class Peer(metaclass=NoPublicConstructor):
                 self._watch(deadline)
         elif self._watch_scope is not None:
             self._watch_scope.deadline = deadline
-        for scope in self._leader_scopes:
-            if not leader or term != scope.term:
-                scope.cancel_scope.cancel()
-                self._watch_overrun_soon(scope)
-            else:
-                scope.cancel_scope.deadline = deadline
+        self._work.bind(term, deadline, watch=not self._closing)
 
     def _watch_fired(self) -> None:
         """A shared session's watchdog: the trust deadline registered last has come."""
@@ -724,37 +646,6 @@ class Peer(metaclass=NoPublicConstructor):
                 error=None if error is None else f"{type(error).__name__}: {error}",
                 at=now,
             )
-        )
-
-    def _winding_down(self) -> bool:
-        """Leader-only work of an ended tenure is still running (cancelled, not done)."""
-        if not self._leader_scopes:
-            return False  # (each round asks)
-        return any(scope.cancel_scope.cancel_called for scope in self._leader_scopes)
-
-    def _watch_overrun_soon(self, scope: LeaderScope) -> None:
-        if self._nursery is not None and not scope.watched and not self._closing:
-            scope.watched = True  # one watcher per scope
-            self._nursery.start_soon(self._watch_overrun, scope)
-
-    async def _watch_overrun(self, scope: LeaderScope) -> None:
-        with trio.move_on_after(self._config.cleanup_timeout):
-            await scope.done.wait()
-            return
-        self._report_overrun(scope)
-
-    def _report_overrun(self, scope: LeaderScope) -> None:
-        if scope.overrun_logged:
-            return
-        scope.overrun_logged = True
-        log.error(
-            "trio-peers %s: leader-only work %s (term %d) ignored cancellation for %.1fs; "
-            "%s neither bids nor releases the lease while it runs: the lease lapses",
-            self.name,
-            scope.owner,
-            scope.term,
-            self._config.cleanup_timeout,
-            self.node,
         )
 
     def _note_fault(self, exc: BaseException, what: str, *, kind: str = "statement") -> None:
@@ -895,7 +786,7 @@ class Peer(metaclass=NoPublicConstructor):
         that work never overlaps a new tenure)."""
         if self._closing:
             return None
-        if not self._core.may_start_round(winding_down=self._winding_down()):
+        if not self._core.may_start_round(winding_down=self._work.winding_down()):
             return None
         started = trio.current_time()
         held = self._core.start_round(started)
@@ -973,7 +864,7 @@ class Peer(metaclass=NoPublicConstructor):
         and reports back to :meth:`_inline_round_done`; the loop's task never wakes. On
         ``None`` the session wakes the loop instead, which runs the round itself.
         """
-        if not self._parked or self._closing or self._conn is None or self._winding_down():
+        if not self._parked or self._closing or self._conn is None or self._work.winding_down():
             return None
         if self._core.next_round_earliest > trio.current_time():
             return None  # (its schedule moved since it was registered)
@@ -1174,7 +1065,7 @@ class Peer(metaclass=NoPublicConstructor):
             with self._serve_scope:
                 async with open_connector() as connector, trio.open_nursery() as nursery:
                     self._connector = connector
-                    self._nursery = nursery
+                    self._nursery = self._work.nursery = nursery
                     try:
                         if self._watch is None:
                             await nursery.start(self._watchdog)
@@ -1229,7 +1120,7 @@ class Peer(metaclass=NoPublicConstructor):
         (the peer's own stop does what is left, as usual)."""
         if self._stop_started or self._closing or self._core.closed:
             return None
-        if self._core.round_started_at is not None or self._leader_scopes:
+        if self._core.round_started_at is not None or self._work.scopes:
             return None
         if self._core.resigning or self._core.held_term is None:
             return None
@@ -1302,7 +1193,7 @@ class Peer(metaclass=NoPublicConstructor):
                 was_leader = self._cell.value.is_leader
                 term = self._core.close()
                 self._publish("closed")  # cancels leader-only work; channels see the loss
-                work_stopped = await self._await_leader_work()
+                work_stopped = await self._work.wait_stopped()
                 if term is not None and work_stopped:
                     # Close right after. A pause here (so that followers elect before this
                     # backend exits) cost every exit 5 ms; without it a handover's p95
