@@ -252,3 +252,27 @@ async def test_many_names_leaving_at_once_retry_a_locked_row_until_it_is_free(
         assert row is None or row.node == "b"
         await b["n7"].wait_leader()
         nursery.cancel_scope.cancel()
+
+
+async def test_many_names_leaving_during_a_batch_in_flight_release_every_name(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """open_peers' exit while a batch of renewals is in flight: the names of that batch are
+    released as soon as it has ended (a second statement), the others at once; none is
+    left to lapse."""
+    backend = MemoryBackend()
+    names = [f"n{i}" for i in range(20)]
+    async with trio.open_nursery() as nursery:
+        a, b, leave, left = await _two_sessions(backend, names, nursery)
+        backend.statement_delay = 0.02
+        await wait_for(
+            lambda: any(peer._core.round_started_at is not None for peer in a.values()),
+            limit=3 * INTERVAL,
+            poll=0.001,
+        )
+        in_flight = {n for n, peer in a.items() if peer._core.round_started_at is not None}
+        assert in_flight
+        leave.set()
+        await wait_for(lambda: all(p.is_leader for p in b.values()), limit=0.3, poll=0.001)
+        await left.wait()
+        nursery.cancel_scope.cancel()

@@ -342,9 +342,7 @@ class Peer(metaclass=NoPublicConstructor):
             while True:
                 if self._closing:
                     raise trio.ClosedResourceError("the peer is closed")
-                if self._round_finished is None:
-                    self._round_finished = trio.Event()
-                finished = self._round_finished
+                finished = self._round_event()
                 async with self._conn_lock:
                     if self._closing:
                         raise trio.ClosedResourceError("the peer is closed")
@@ -841,6 +839,12 @@ class Peer(metaclass=NoPublicConstructor):
             self._emit_round(started, outcome_name, error)
         self._round_over()
         return propagate
+
+    def _round_event(self) -> trio.Event:
+        """Set when the round in progress (or the next one) has finished."""
+        if self._round_finished is None:
+            self._round_finished = trio.Event()
+        return self._round_finished
 
     def _round_over(self) -> None:
         if self._round_finished is not None:

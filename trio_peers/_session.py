@@ -856,34 +856,50 @@ class PeerSession(metaclass=NoPublicConstructor):
         """Many names leave at once: end every idle leader's tenure and release them all in
         one statement (per table) before any peer's own stop runs, so that the other
         processes take every name over at once rather than as each peer's exit gets to its
-        release. A busy row is retried as a single release would be; a name that cannot go
-        this way (a round in flight, leader-only work winding down) is left to its own stop.
+        release. A name whose round is in flight goes in a second statement once that round
+        has ended; a busy row is retried as a single release would be; a name that cannot go
+        this way (leader-only work winding down, a resign under way) is left to its own stop.
         """
         started = trio.current_time()
         pending: list[tuple[_Member, Peer, int, _Request]] = []
-        for member in members:
-            peer = member.peer
-            if peer is None or self._closed or self._conn is None:
-                continue
-            term = peer._close_for_release()
-            if term is None:
-                continue
-            request = _Request(
-                "release",
-                member,
-                member.config.cleanup_timeout,
-                release=ReleaseRequest(name=member.name, node=peer.node, term=term),
-                done=trio.Event(),
-            )
-            pending.append((member, peer, term, request))
-            self._queue.append(request)
-        if not pending:
-            await trio.lowlevel.checkpoint()
-            return
-        self._queue_ready.set()
-        for _, peer, _, _ in pending:
-            peer._publish("closed")  # (after the queueing: the batcher is woken first)
+        todo = list(members)
+        for attempt in range(2):
+            in_flight: list[tuple[_Member, trio.Event]] = []
+            queued = len(pending)
+            for member in todo:
+                peer = member.peer
+                if peer is None or self._closed or self._conn is None:
+                    continue
+                term = peer._close_for_release()
+                if term is None:
+                    if attempt == 0 and peer._core.round_started_at is not None:
+                        # (Mostly an inline round of a batch in flight: it ends soon.)
+                        in_flight.append((member, peer._round_event()))
+                    continue
+                request = _Request(
+                    "release",
+                    member,
+                    member.config.cleanup_timeout,
+                    release=ReleaseRequest(name=member.name, node=peer.node, term=term),
+                    done=trio.Event(),
+                )
+                pending.append((member, peer, term, request))
+                self._queue.append(request)
+            if len(pending) > queued:
+                self._queue_ready.set()
+                for _, peer, _, _ in pending[queued:]:
+                    peer._publish("closed")  # (after the queueing: the batcher is woken first)
+            if not in_flight:
+                break
+            # Names whose round was in flight go in a second statement once it has ended,
+            # rather than each with its own stop, later.
+            with trio.move_on_after(max(m.statement_timeout for m, _ in in_flight) + 0.5):
+                for _, finished in in_flight:
+                    await finished.wait()
+            todo = [member for member, _ in in_flight]
         await trio.lowlevel.checkpoint()  # the batcher sends them
+        if not pending:
+            return
         limit = max(member.config.cleanup_timeout for member, _, _, _ in pending)
         with trio.move_on_after(limit):
             for _, _, _, request in pending:
