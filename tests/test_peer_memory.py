@@ -24,6 +24,8 @@ from trio_peers import (
 )
 from trio_peers.testing import MemoryBackend
 
+from ._pgutil import wait_for
+
 INTERVAL = 10.0
 
 
@@ -622,3 +624,27 @@ async def test_work_stuck_after_loss_stops_bidding_until_it_finishes(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     assert "slow_to_stop" in errors[0]
+
+
+async def test_a_follower_warns_of_a_locked_row_only_when_it_stays_locked(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a follower warned at its first busy round, which is most often another
+    follower electing in the same instant (every graceful handover with 3 peers logged it).
+    A leader warns at once (its renewal is blocked); a follower after a few busy rounds."""
+    backend = MemoryBackend()
+    with caplog.at_level(logging.WARNING, logger="trio_peers"):
+        async with open_peer(cfg("a"), backend=backend) as a:
+            async with open_peer(cfg("b"), backend=backend) as b:
+                assert a.is_leader and not b.is_leader
+                backend.lock_row()  # a cannot renew; once its lease ends b's bids are busy
+                await wait_for(
+                    lambda: b.statistics().elections_busy >= 1, limit=3 * INTERVAL, poll=0.001
+                )
+                busy = [r for r in caplog.records if "locked by another" in r.getMessage()]
+                assert [r.getMessage() for r in busy if "(b)" in r.getMessage()] == []
+                await trio.sleep(3 * INTERVAL)  # locked for long: now worth a warning
+                busy = [r for r in caplog.records if "locked by another" in r.getMessage()]
+                assert len([r for r in busy if "(b)" in r.getMessage()]) == 1
+                assert len([r for r in busy if "(a)" in r.getMessage()]) == 1
+                backend.unlock_row()

@@ -74,6 +74,8 @@ _NOTIFY_BUFFER: Final = 256
 _GUARD_SLACK: Final = 0.5
 #: get_leader() runs its statement only with at least this much time before the next round.
 _GET_LEADER_MIN_ROOM: Final = 0.002
+#: A follower warns of a locked lease row after this many busy rounds in a row.
+_FOLLOWER_BUSY_WARN_AFTER: Final = 3
 #: An unexpected error (a bug somewhere) is logged with its traceback at most this often.
 _UNEXPECTED_LOG_PERIOD: Final = 60.0
 
@@ -943,14 +945,21 @@ class Peer(metaclass=NoPublicConstructor):
             self._counters.tenures_gained += 1
         if change is Change.BUSY:
             self._counters.elections_busy += 1
-            if self._core.busy_rounds == 1:  # once per streak, not per retry
+            # Once per streak, not per retry. A follower's first busy rounds are most often
+            # another follower's election in the same instant (a handover race): worth a
+            # warning only when the row stays locked.
+            leading = self.is_leader
+            streak = self._core.busy_rounds
+            if streak == (1 if leading else _FOLLOWER_BUSY_WARN_AFTER):
                 log.warning(
                     "trio-peers %s (%s): the lease row is locked by another transaction "
                     "(a fenced write, or someone else); not waiting for it, retrying%s",
                     self.name,
                     self.node,
-                    "; leading until the current trust deadline" if self.is_leader else "",
+                    "; leading until the current trust deadline" if leading else "",
                 )
+            elif streak == 1:
+                log.debug("trio-peers %s (%s): lease row busy; retrying", self.name, self.node)
         self._publish("lost" if change is Change.LOST else "trust expired")
 
     # ------------------------------------------------------------------ tasks
