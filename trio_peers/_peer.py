@@ -569,12 +569,14 @@ class Peer(metaclass=NoPublicConstructor):
         finally:
             resignation.done.set()
 
-    def _publish(self, reason: str = "trust expired") -> None:
+    def _publish(self, reason: str = "trust expired", now: float | None = None) -> None:
         """Publish the core's current view; bind leader scopes and the watchdog to it.
 
-        ``reason`` says why leadership would end now, for the event hook.
+        ``reason`` says why leadership would end now, for the event hook; ``now``, if
+        given, is the current time (a caller that has it saves the clock read).
         """
-        now = trio.current_time()
+        if now is None:
+            now = trio.current_time()
         # A round that completes while the peer closes (see _stop) never shows as leading.
         leader = self._core.is_leader(now) and not self._closing
         term = self._core.term(now) if leader else None
@@ -610,7 +612,8 @@ class Peer(metaclass=NoPublicConstructor):
                 self._watch(deadline)
         elif self._watch_scope is not None:
             self._watch_scope.deadline = deadline
-        self._work.bind(term, deadline, watch=not self._closing)
+        if self._work.scopes:
+            self._work.bind(term, deadline, watch=not self._closing)
 
     def _watch_fired(self) -> None:
         """A shared session's watchdog: the trust deadline registered last has come."""
@@ -779,7 +782,7 @@ class Peer(metaclass=NoPublicConstructor):
         else:
             self._end_round(started, outcome=outcome)
 
-    def _begin_round(self) -> tuple[float, int | None] | None:
+    def _begin_round(self, now: float | None = None) -> tuple[float, int | None] | None:
         """Start a round (the caller holds the connection lock): its start and the term it
         holds. ``None`` if no round runs now: the peer closes, or work of an ended tenure
         still runs (bids are held until it finishes; the tenure scope wakes the loop, so
@@ -788,7 +791,7 @@ class Peer(metaclass=NoPublicConstructor):
             return None
         if not self._core.may_start_round(winding_down=self._work.winding_down()):
             return None
-        started = trio.current_time()
+        started = trio.current_time() if now is None else now
         held = self._core.start_round(started)
         self._counters.elections_run += 1
         return started, held
@@ -800,16 +803,19 @@ class Peer(metaclass=NoPublicConstructor):
         outcome: ElectionOutcome | None = None,
         error: Exception | None = None,
         entry: bool = False,
+        now: float | None = None,
     ) -> bool:
-        """Apply a round's outcome or error. Sync. True if ``error`` must propagate from
-        entry (a misconfiguration)."""
+        """Apply a round's outcome or error (the time is ``now``, read here if not given).
+        Sync. True if ``error`` must propagate from entry (a misconfiguration)."""
         outcome_name: RoundOutcome = "failed"
         propagate = False
         if error is None:
             assert outcome is not None
-            change = self._core.round_succeeded(trio.current_time(), outcome)
+            change = self._core.round_succeeded(
+                trio.current_time() if now is None else now, outcome
+            )
             outcome_name = change.value
-            self._round_done(change)
+            self._round_done(change, now)
         elif isinstance(error, TableMissing):
             self._round_failed(error, "table_missing")
             self._drop_connection()
@@ -862,7 +868,7 @@ class Peer(metaclass=NoPublicConstructor):
             wake_at = self._aligner(wake_at, self._core.next_round_earliest)
         return wake_at
 
-    def _inline_round(self) -> tuple[float, int | None] | None:
+    def _inline_round(self, now: float) -> tuple[float, int | None] | None:
         """Start this name's due round for a shared session's one task. Sync.
 
         Only from the steady state: the loop is parked waiting for its next round, with a
@@ -872,13 +878,13 @@ class Peer(metaclass=NoPublicConstructor):
         """
         if not self._parked or self._closing or self._conn is None or self._work.winding_down():
             return None
-        if self._core.next_round_earliest > trio.current_time():
+        if self._core.next_round_earliest > now:
             return None  # (its schedule moved since it was registered)
         try:
             self._conn_lock.acquire_nowait()
         except trio.WouldBlock:
             return None
-        begun = self._begin_round()
+        begun = self._begin_round(now)  # (trust anchored at the batch's start: safe)
         assert begun is not None  # not closing, not winding down
         return begun
 
@@ -886,8 +892,9 @@ class Peer(metaclass=NoPublicConstructor):
         self, started: float, outcome: ElectionOutcome | None, error: Exception | None
     ) -> None:
         """The session's report of an inline round. Sync; called once per inline round."""
+        now = trio.current_time()
         try:
-            self._end_round(started, outcome=outcome, error=error)
+            self._end_round(started, outcome=outcome, error=error, now=now)
         except Exception as exc:
             # An outcome the core refuses (a backend's bug): this round fails, as an
             # error of the statement would, and the peer goes on.
@@ -897,13 +904,13 @@ class Peer(metaclass=NoPublicConstructor):
         finally:
             self._conn_lock.release()
             if self._parked and not self._closing:
-                self._schedule()
+                self._schedule(now)
 
-    def _schedule(self) -> None:
+    def _schedule(self, now: float) -> None:
         """Register the parked loop's next round with the session's timer."""
         assert self._timer is not None
         wake_at = self._next_wake()
-        if wake_at <= trio.current_time():
+        if wake_at <= now:
             self._resched.set()
         elif wake_at < math.inf:
             self._timer(wake_at)
@@ -927,7 +934,7 @@ class Peer(metaclass=NoPublicConstructor):
                 )
         self._publish("failed")
 
-    def _round_done(self, change: Change) -> None:
+    def _round_done(self, change: Change, now: float | None = None) -> None:
         if self._faulty:
             self._faulty = False
             if self._leave_faults():
@@ -960,7 +967,7 @@ class Peer(metaclass=NoPublicConstructor):
                 )
             elif streak == 1:
                 log.debug("trio-peers %s (%s): lease row busy; retrying", self.name, self.node)
-        self._publish("lost" if change is Change.LOST else "trust expired")
+        self._publish("lost" if change is Change.LOST else "trust expired", now)
 
     # ------------------------------------------------------------------ tasks
 
@@ -1190,8 +1197,11 @@ class Peer(metaclass=NoPublicConstructor):
         graceful handover down to one statement plus one NOTIFY.
         """
         if self._stop_started:
-            await self._stopped.wait()
-            return
+            if not self._stopped.is_set():
+                await self._stopped.wait()
+            # (Else no checkpoint: this is the second call of an exit that already ran
+            # one; each hop here costs every name of a session one more scheduler pass.)
+            return  # noqa: ASYNC910
         self._stop_started = True
         try:
             self._closing = True  # no new leader-only work, no new rounds
@@ -1217,7 +1227,8 @@ class Peer(metaclass=NoPublicConstructor):
                 await self._close_connection()
             finally:
                 self._conn_lock.release()
-            await self._loop_done.wait()
+            if not self._loop_done.is_set():  # (usually it is by now: no extra hop)
+                await self._loop_done.wait()
             self._cell.close()
         finally:
             self._loop_scope.cancel()  # (already, unless the stop overran its bound)
@@ -1230,11 +1241,11 @@ class Peer(metaclass=NoPublicConstructor):
                 self._watch_scope.cancel()  # the watchdog returns
             self._stopped.set()
 
-    async def _close_connection(self) -> None:
-        await trio.lowlevel.checkpoint()
+    async def _close_connection(self) -> None:  # noqa: ASYNC910 - aclose awaits or raises
         conn, self._conn = self._conn, None
         self._conn_gen += 1
         if conn is None:
+            await trio.lowlevel.checkpoint()
             return
         with trio.move_on_after(self._config.cleanup_timeout) as scope:
             try:

@@ -187,12 +187,12 @@ class _Member:
         """The peer's next round is due at ``when`` (the session's timer). Sync."""
         self.session._schedule(self, when)
 
-    def inline_request(self) -> _Request | None:
+    def inline_request(self, now: float) -> _Request | None:
         """This name's due round, started for the session's next batch, or ``None``."""
         peer = self.peer
         if peer is None:
             return None
-        begun = peer._inline_round()
+        begun = peer._inline_round(now)
         if begun is None:
             return None
         started, held = begun
@@ -619,7 +619,7 @@ class PeerSession(metaclass=NoPublicConstructor):
             if token != member.timer_token:
                 continue  # replaced by a later registration
             member.timer_token = -1
-            request = member.inline_request() if not self._closed else None
+            request = member.inline_request(now) if not self._closed else None
             if request is not None:
                 self._queue.append(request)
             elif member.peer is not None:
@@ -895,7 +895,8 @@ class PeerSession(metaclass=NoPublicConstructor):
             # rather than each with its own stop, later.
             with trio.move_on_after(max(m.statement_timeout for m, _ in in_flight) + 0.5):
                 for _, finished in in_flight:
-                    await finished.wait()
+                    if not finished.is_set():  # (a set one would still cost a hop)
+                        await finished.wait()
             todo = [member for member, _ in in_flight]
         await trio.lowlevel.checkpoint()  # the batcher sends them
         if not pending:
@@ -904,7 +905,8 @@ class PeerSession(metaclass=NoPublicConstructor):
         with trio.move_on_after(limit):
             for _, _, _, request in pending:
                 assert request.done is not None
-                await request.done.wait()
+                if not request.finished:  # (a set one would still cost a hop)
+                    await request.done.wait()
         failed: list[str] = []
         busy: list[tuple[_Member, Peer, int]] = []
         for member, peer, term, request in pending:
