@@ -126,7 +126,10 @@ LEFT JOIN cur AS h ON a.term IS NULL AND h.expires_at > now()
         # row that another transaction holds (another session's batch, a fenced write):
         # such a name is reported busy and left alone, and two batches cannot deadlock.
         # An absent row is inserted; a concurrent insert of the same name makes this
-        # statement wait for that one (another election: a few milliseconds).
+        # statement wait for that one (another election: a few milliseconds). The renewal
+        # test looks the held term up in one hashed set of (name, held) pairs: a lookup
+        # per row correlated by name scanned every request for each renewed row, and made
+        # a renewal of 1,000 names cost the server 90 ms instead of about 10.
         t = self.qualified
         return f"""
 WITH req AS (
@@ -156,7 +159,8 @@ attempt AS (
         started_at = CASE WHEN p.expires_at <= now() THEN now() ELSE p.started_at END,
         expires_at = EXCLUDED.expires_at
     WHERE p.expires_at <= now()
-       OR (p.node = EXCLUDED.node AND p.term = (SELECT r.held FROM req AS r WHERE r.name = p.name))
+       OR (p.node = EXCLUDED.node
+           AND (p.name, p.term) IN (SELECT r.name, r.held FROM req AS r WHERE r.held IS NOT NULL))
     RETURNING p.name, p.term, p.expires_at
 )
 SELECT r.name,
