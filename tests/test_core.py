@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import attrs
 import pytest
 
 from trio_peers._core import (
@@ -209,7 +210,7 @@ def test_close_returns_held_term_even_when_untrusted() -> None:
 def test_illegal_input_raises_and_leaves_state_unchanged(bad: object) -> None:
     core = make_core()
     round_(core, 0.0, 0.01, won(1))
-    before = (core.tenure, core.next_round_at, core.failures)
+    before = (attrs.evolve(core.tenure), core.next_round_at, core.failures)
     with pytest.raises(CoreError):
         bad(core)  # type: ignore[operator]
     assert (core.tenure, core.next_round_at, core.failures) == before

@@ -235,11 +235,12 @@ class Peer(metaclass=NoPublicConstructor):
         self._fault_causes: set[tuple[str, str]] = set()
         self._table_missing_logged = False
         self._closing = False
-        self._stop_requested = trio.Event()
         self._served = trio.Event()
         self._stop_started = False
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
+        self._stop_wanted = False  # see _request_stop
+        self._report_entry: Callable[[], None] | None = None  # the task status's started()
         self._round_finished: trio.Event | None = None  # made by a waiter (get_leader)
         self._unexpected = _ErrorLog(_UNEXPECTED_LOG_PERIOD)
 
@@ -971,24 +972,42 @@ class Peer(metaclass=NoPublicConstructor):
 
     # ------------------------------------------------------------------ tasks
 
-    async def _election_loop(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        self._self_ending.add(trio.lowlevel.current_task())
-        try:
-            with self._loop_scope:
-                await self._run_round(entry=True)
-                task_status.started()
-                while True:
-                    await self._sleep_until_next_round()
-                    await self._run_round(entry=False)
-        finally:
-            self._loop_done.set()
+    async def _election_loop(self) -> None:
+        """The rounds, run in the peer's main task (:meth:`_serve`) until :meth:`_stop`
+        cancels them or :meth:`_request_stop` ends them: the entry round, the report that
+        the peer is entered, then each next round when due."""
+        with self._loop_scope:
+            await self._run_round(entry=True)
+            # Entered: from now on the peer stops only through _stop, which lets a round in
+            # flight finish (a bid the server committed is then released). The cancellation
+            # of the scope around the peer would abandon it: run_peer stops the peer
+            # instead, and cancels this scope only if that overran its bound.
+            self._serve_scope.shield = True
+            report, self._report_entry = self._report_entry, None
+            if report is not None:
+                report()
+            del report
+            while True:
+                await self._sleep_until_next_round()
+                if self._stop_wanted:
+                    break
+                await self._run_round(entry=False)
+
+    def _request_stop(self) -> None:
+        """Have the peer's own task stop it (:meth:`_stop`) as soon as no round of its is
+        in flight. Sync: many names leaving together each cost one wake-up of their task."""
+        self._stop_wanted = True
+        self._resched.set()
 
     async def _sleep_until_next_round(self) -> None:
         while True:
+            if self._stop_wanted:
+                return  # noqa: ASYNC910 - the loop ends; its task's stop awaits next
             if self._closing:
-                await trio.sleep_forever()  # no more rounds: the stop cancels the loop
+                # No more rounds: the stop cancels the loop, or _request_stop wakes it.
+                self._resched = trio.Event()
+                await self._resched.wait()
+                continue
             wake_at = self._next_wake()
             if wake_at <= trio.current_time():
                 return  # noqa: ASYNC910 - due now; the round awaits right after
@@ -1075,11 +1094,14 @@ class Peer(metaclass=NoPublicConstructor):
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """The peer's main task: backend resources, the three tasks, and shutdown.
+        """The peer's main task: backend resources, the election loop, and shutdown.
 
         It runs in a task of its own so that whatever the backend puts in the
         context (trio-asyncio's current loop, for asyncpg) never leaks into the
-        user's ``async with`` body.
+        user's ``async with`` body. The rounds run in this task itself (a task of their
+        own cost each name one more task to run, wake and end: at 1,000 names of a
+        session, a measurable share of its exit); a peer of its own connection also
+        runs a watchdog and a listener next to it.
         """
         try:
             with self._serve_scope:
@@ -1091,21 +1113,18 @@ class Peer(metaclass=NoPublicConstructor):
                             await nursery.start(self._watchdog)
                         if self._own_listener:
                             await nursery.start(self._listener)
-                        await nursery.start(self._election_loop)
-                        # Entered: from now on the peer stops only through _stop, which lets
-                        # a round in flight finish (a bid the server committed is then
-                        # released). The cancellation of the scope around the peer would
-                        # abandon it: run_peer stops the peer instead, and cancels this
-                        # scope only if that overran its bound.
-                        self._serve_scope.shield = True
-                        task_status.started()
-                        await self._stop_requested.wait()
+                        # Reported by the loop once entered; not kept past that (the
+                        # task status holds the nursery that started the task).
+                        self._report_entry = task_status.started
+                        del task_status
+                        await self._election_loop()
                     finally:
+                        self._loop_done.set()
                         with trio.move_on_after(_shutdown_bound(self._config), shield=True):
                             await self._stop()
-                        # The loop and the watchdog return by themselves once stopped (a
-                        # cancellation would cost each peer's exit more than the rest of
-                        # it): cancel only what else runs (a listener, an overrun watcher).
+                        # The watchdog returns by itself once stopped (a cancellation would
+                        # cost each peer's exit more than the rest of it): cancel only what
+                        # else runs (a listener, an overrun watcher).
                         if set(nursery.child_tasks) - self._self_ending:
                             nursery.cancel_scope.cancel()
         finally:
@@ -1305,13 +1324,10 @@ async def run_peer(
             finally:
                 try:
                     with trio.move_on_after(_shutdown_bound(config) + 1.0, shield=True):
-                        try:
-                            if not peer._served.is_set():
-                                # Stop from this task: one scheduling hop fewer before the
-                                # release statement (the backend names its loop itself).
-                                await peer._stop()
-                        finally:
-                            peer._stop_requested.set()
+                        if not peer._served.is_set():
+                            # Stop from this task: one scheduling hop fewer before the
+                            # release statement (the backend names its loop itself).
+                            await peer._stop()
                         await peer._served.wait()
                 finally:
                     # Whatever happened above (the stop overran, raised, or a

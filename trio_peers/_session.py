@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import heapq
-import itertools
 import logging
 import math
 import secrets
@@ -72,7 +70,7 @@ from ._exceptions import (
 )
 from ._peer import Peer, check_event_hook, run_peer
 from ._sql import Statements, unlogged_warning
-from ._util import NoPublicConstructor, SharedLog, raise_single
+from ._util import Deadlines, NoPublicConstructor, SharedLog, raise_single
 
 log: Final = logging.getLogger("trio_peers")
 
@@ -83,6 +81,8 @@ _SESSION_FIELDS: Final = frozenset({"dsn", "listen", "connect_timeout"})
 #: First and longest pause between retries of a release whose row another transaction holds.
 _RELEASE_RETRY_FIRST: Final = 0.005
 _RELEASE_RETRY_MAX: Final = 0.1
+#: At most this many scheduler passes spent waiting for a burst of notifications to end.
+_BURST_PASSES: Final = 8
 
 _Kind = Literal["connect", "release", "leader", "elect"]
 #: The order in which one batch runs its statements: releases first (a handover waits on
@@ -137,6 +137,8 @@ class _Request:
         if self.done is not None:
             self.done.set()
         if self.on_done is not None:
+            # Reported, not kept: an inline request is its member's, reused next round.
+            self.result = self.error = None
             try:
                 self.on_done(result, error)
             except Exception as exc:  # a bug: the session goes on serving the other names
@@ -176,8 +178,9 @@ class _Member:
         self.peer: Peer | None = None
         self.attached = False
         self.on_lost: Callable[[], None] | None = None
-        self.timer_token = -1  # of this name's one live entry in the session's timer
-        self.watch_token = -1  # of its one live entry in the session's watchdog
+        self._inline: _Request | None = None  # the last inline round's request
+        self._inline_started = 0.0
+        self._elect: ElectRequest | None = None
 
     def watch(self, when: float) -> None:
         """The peer's trust ends at ``when`` unless renewed (the session's watchdog)."""
@@ -188,7 +191,13 @@ class _Member:
         self.session._schedule(self, when)
 
     def inline_request(self, now: float) -> _Request | None:
-        """This name's due round, started for the session's next batch, or ``None``."""
+        """This name's due round, started for the session's next batch, or ``None``.
+
+        The request and its bid are this member's own, reused round after round while the
+        bid is unchanged: objects made anew each round would outlive the garbage
+        collector's young generations (a batch is in flight across its collections), and
+        at 1,000 names bring every full collection sooner.
+        """
         peer = self.peer
         if peer is None:
             return None
@@ -196,22 +205,35 @@ class _Member:
         if begun is None:
             return None
         started, held = begun
+        self._inline_started = started
+        elect = self._elect
+        if elect is None or elect.held_term != held or elect.node != peer.node:
+            elect = self._elect = ElectRequest(
+                name=self.name, node=peer.node, lease=self.config.interval, held_term=held
+            )
+        request = self._inline
+        if request is None or not request.finished:
+            request = self._inline = _Request(
+                "elect", self, self.statement_timeout, on_done=self._inline_done
+            )
+        else:
+            request.finished = request.sent = False
+            request.result = request.error = None
+        request.elect = elect
+        return request
 
-        def done(result: object, error: BaseException | None) -> None:
-            if error is None and not isinstance(result, ElectionOutcome):
-                error = TypeError(f"the backend's elect returned {result!r}")
-            if error is None:
-                assert isinstance(result, ElectionOutcome)
-                peer._inline_round_done(started, result, None)
-            elif isinstance(error, Exception):
-                peer._inline_round_done(started, None, error)
-            else:  # (a request is finished with an Exception or a result)
-                peer._inline_round_done(started, None, BackendUnavailable(repr(error)))
-
-        elect = ElectRequest(
-            name=self.name, node=peer.node, lease=self.config.interval, held_term=held
-        )
-        return _Request("elect", self, self.statement_timeout, elect=elect, on_done=done)
+    def _inline_done(self, result: object, error: BaseException | None) -> None:
+        peer = self.peer
+        assert peer is not None  # (set before the member's first round, never unset)
+        if error is None and not isinstance(result, ElectionOutcome):
+            error = TypeError(f"the backend's elect returned {result!r}")
+        if error is None:
+            assert isinstance(result, ElectionOutcome)
+            peer._inline_round_done(self._inline_started, result, None)
+        elif isinstance(error, Exception):
+            peer._inline_round_done(self._inline_started, None, error)
+        else:  # (a request is finished with an Exception or a result)
+            peer._inline_round_done(self._inline_started, None, BackendUnavailable(repr(error)))
 
     # BackendConnector
     async def connect(
@@ -269,8 +291,9 @@ class _Member:
         assert result is None or isinstance(result, LeaderInfo)
         return result
 
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
+    async def aclose(self) -> None:  # noqa: ASYNC910
+        # Nothing to wait for (the connection is the session's), and each name leaving
+        # would pay a scheduler pass for a checkpoint here.
         self.abort()
 
     def abort(self) -> None:
@@ -314,9 +337,10 @@ class PeerSession(metaclass=NoPublicConstructor):
             maxlen=_NOTIFY_BUFFER
         )
         self._payloads_ready = trio.Event()
-        self._timers: list[tuple[float, int, _Member]] = []
-        self._timer_seq = itertools.count()
-        self._watches: list[tuple[float, int, _Member]] = []
+        self._dispatches = 0  # payloads dispatched (see _burst_end)
+        self._dispatches_batched = 0
+        self._timers: Deadlines[_Member] = Deadlines()  # each name's next round
+        self._watches: Deadlines[_Member] = Deadlines()  # each leader's trust deadline
         self._watches_changed = trio.Event()
         self._closed = False
         # Faults of the connection (and of a table) are logged once for all of the names.
@@ -402,20 +426,27 @@ class PeerSession(metaclass=NoPublicConstructor):
                 raise ValueError(f"names contains {config.name!r} twice: give each name once")
             seen.add(config.name)
         peers: dict[str, Peer] = {}
-        leave = trio.Event()
         body_error: BaseException | None = None
 
-        async def hold(config: PeerConfig, task_status: trio.TaskStatus[None]) -> None:
-            async with self._join(config) as peer:
-                peers[config.name] = peer
-                task_status.started()
-                await leave.wait()
+        async def enter(nursery: trio.Nursery, config: PeerConfig) -> None:
+            peer, connector = self._add(config)
+            await nursery.start(peer._serve, connector)
+            peers[config.name] = peer
 
+        # Each name's main task runs in this block's nursery (no task and nursery per name
+        # around it, as open_peer has: at 1,000 names they were a good part of the
+        # process's objects and of the exit's work). A name's failure fails the block.
         try:
             async with trio.open_nursery() as nursery:
-                async with trio.open_nursery() as starting:
-                    for config in configs:
-                        starting.start_soon(nursery.start, hold, config)
+                try:
+                    async with trio.open_nursery() as starting:
+                        for config in configs:
+                            starting.start_soon(enter, nursery, config)
+                except BaseException:
+                    # One name could not enter: the others leave (they are shielded).
+                    for peer in peers.values():
+                        peer._request_stop()
+                    raise
                 try:
                     yield peers
                 except BaseException as exc:
@@ -426,7 +457,9 @@ class PeerSession(metaclass=NoPublicConstructor):
                         await self._release_first(
                             [m for m in self._members.values() if m.peer in mine]
                         )
-                    leave.set()
+                    # Each peer's task stops it (each bounded as a peer's stop is).
+                    for peer in peers.values():
+                        peer._request_stop()
         except BaseExceptionGroup as group:
             if body_error is not None:
                 raise body_error  # noqa: B904
@@ -469,6 +502,13 @@ class PeerSession(metaclass=NoPublicConstructor):
         return config
 
     def _join(self, config: PeerConfig) -> AbstractAsyncContextManager[Peer]:
+        peer, connector = self._add(config)
+        return run_peer(peer, connector)
+
+    def _add(
+        self, config: PeerConfig
+    ) -> tuple[Peer, Callable[[], AbstractAsyncContextManager[BackendConnector]]]:
+        """A new name of the session: its peer, and the connector its main task opens."""
         if self._closed:
             raise trio.ClosedResourceError("the session is closed")
         key = (LeaseTable(config.prefix, config.table), config.name)
@@ -499,10 +539,12 @@ class PeerSession(metaclass=NoPublicConstructor):
                 yield member
             finally:
                 member.abort()
+                self._timers.discard(member)
+                self._watches.discard(member)
                 if self._members.get(key) is member:
                     del self._members[key]
 
-        return run_peer(peer, connector)
+        return peer, connector
 
     # ------------------------------------------------------------------ requests
 
@@ -557,11 +599,12 @@ class PeerSession(metaclass=NoPublicConstructor):
         """
         task_status.started()
         while True:
+            if self._dispatches != self._dispatches_batched:
+                await self._burst_end()
             self._collect_due(trio.current_time())
             if not self._queue:
                 self._queue_ready = trio.Event()
-                deadline = self._timers[0][0] if self._timers else math.inf
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(self._timers.earliest):
                     await self._queue_ready.wait()
                 continue
             batch, self._queue = self._queue, []
@@ -576,21 +619,39 @@ class PeerSession(metaclass=NoPublicConstructor):
                 for request in batch:
                     if not request.finished:
                         request.finish(error=BackendUnavailable("the session is closed"))
+                # Let go of the batch now, not when the next one replaces it a round later:
+                # kept, its requests and outcomes (one per name) would outlive the
+                # collector's young generations and grow the work of every full collection.
+                del batch
+
+    async def _burst_end(self) -> None:
+        """Wait while notifications keep coming, so that a burst becomes one batch.
+
+        One statement releasing many names sends a payload per ~6,000 bytes of names; they
+        reach the listener a scheduler pass or so apart, and each one's names are due at
+        once. Batched as they come, the first payload's names went in a statement of
+        their own and the rest waited for it: at 1,000 names, two statements in a row. A
+        pass with no new payload, twice in a row (the scheduler runs tasks in random
+        order), ends the burst; a few passes at most.
+        """
+        quiet = passes = 0
+        while True:
+            seen = self._dispatches
+            await trio.lowlevel.checkpoint()
+            passes += 1
+            quiet = quiet + 1 if self._dispatches == seen and not self._payloads else 0
+            if quiet == 2 or passes == _BURST_PASSES:
+                break
+        self._dispatches_batched = self._dispatches
 
     def _schedule(self, member: _Member, when: float) -> None:
         """Register ``member``'s next round (replacing any earlier entry). Sync."""
-        token = next(self._timer_seq)
-        member.timer_token = token
-        heapq.heappush(self._timers, (when, token, member))
-        if self._timers[0][1] == token:
+        if self._timers.put(member, when):
             self._queue_ready.set()  # a new earliest deadline
 
     def _watch(self, member: _Member, when: float) -> None:
         """Publish ``member``'s peer at ``when`` (replacing any earlier entry). Sync."""
-        token = next(self._timer_seq)
-        member.watch_token = token
-        heapq.heappush(self._watches, (when, token, member))
-        if self._watches[0][1] == token:
+        if self._watches.put(member, when):
             self._watches_changed.set()
 
     async def _watchdog(
@@ -602,23 +663,17 @@ class PeerSession(metaclass=NoPublicConstructor):
         watches = self._watches
         while True:
             now = trio.current_time()
-            while watches and watches[0][0] <= now:
-                _, token, member = heapq.heappop(watches)
-                if token == member.watch_token and member.peer is not None:
-                    member.watch_token = -1
+            while (member := watches.pop_due(now)) is not None:
+                if member.peer is not None:
                     member.peer._watch_fired()
             self._watches_changed = trio.Event()
-            with trio.move_on_at(watches[0][0] if watches else math.inf):
+            with trio.move_on_at(watches.earliest):
                 await self._watches_changed.wait()
 
     def _collect_due(self, now: float) -> None:
         """Start the rounds due by ``now``: inline when the peer allows, else wake it."""
         timers = self._timers
-        while timers and timers[0][0] <= now:
-            _, token, member = heapq.heappop(timers)
-            if token != member.timer_token:
-                continue  # replaced by a later registration
-            member.timer_token = -1
+        while (member := timers.pop_due(now)) is not None:
             request = member.inline_request(now) if not self._closed else None
             if request is not None:
                 self._queue.append(request)
@@ -785,6 +840,7 @@ class PeerSession(metaclass=NoPublicConstructor):
             while self._payloads:
                 channel, payload = self._payloads.popleft()
                 self._dispatch(channel, payload)
+                self._dispatches += 1
 
     def _dispatch(self, channel: str, payload: str) -> None:
         """Parse one payload once and hand each release to the peer of its name."""

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
+import math
 from abc import ABCMeta
 from collections.abc import Hashable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import trio
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 
 class NoPublicConstructor(ABCMeta):
@@ -103,3 +107,60 @@ def raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     finally:
         exc.__context__ = context
         del exc, group
+
+
+class Deadlines(Generic[K]):
+    """One pending deadline per key, earliest first: a session's timer and its watchdog. Sync.
+
+    :meth:`put` replaces the key's earlier deadline. The heap holds ``(when, token)``
+    pairs, tuples of a float and an int, which the garbage collector stops tracking: an
+    entry waits a second or more, and at 1,000 names entries holding their key would be
+    1,000 objects per round surviving into the oldest generation, each full collection
+    of the process walking them all (docs/performance.rst).
+    """
+
+    __slots__ = ("_heap", "_keys", "_seq", "_tokens")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int]] = []
+        self._keys: dict[int, K] = {}  # live token -> its key
+        self._tokens: dict[K, int] = {}  # key -> its live token
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def earliest(self) -> float:
+        """The earliest entry's deadline (perhaps of a replaced one: a harmless early
+        wake-up), or ``inf``."""
+        return self._heap[0][0] if self._heap else math.inf
+
+    def put(self, key: K, when: float) -> bool:
+        """``key`` is due at ``when`` (its earlier deadline is dropped). True if this is now
+        the earliest deadline (a waiter should look again)."""
+        token = next(self._seq)
+        old = self._tokens.get(key)
+        if old is not None:
+            del self._keys[old]
+        self._tokens[key] = token
+        self._keys[token] = key
+        heapq.heappush(self._heap, (when, token))
+        return self._heap[0][1] == token
+
+    def discard(self, key: K) -> None:
+        """Drop ``key``'s deadline, if any."""
+        token = self._tokens.pop(key, None)
+        if token is not None:
+            del self._keys[token]
+
+    def pop_due(self, now: float) -> K | None:
+        """Remove and return one key due by ``now``, or None if none is."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, token = heapq.heappop(heap)
+            key = self._keys.pop(token, None)
+            if key is not None:
+                del self._tokens[key]
+                return key
+        return None
