@@ -26,7 +26,19 @@ def one_name(backend: MemoryBackend, form: str) -> AbstractAsyncContextManager[P
     if form == "open_peer":
         config = PeerConfig(dsn="memory://", name="x", node="a", interval=INTERVAL)
         return open_peer(config, backend=backend)
+    if form == "open_peers":
+        return _session_peers(backend)
     return _session_peer(backend)
+
+
+@asynccontextmanager
+async def _session_peers(backend: MemoryBackend) -> AsyncIterator[Peer]:
+    # open_peers runs each name's main task in its own nursery (no task per name around it).
+    async with (
+        open_session("memory://", backend=backend, node="a") as session,
+        session.open_peers(["x"], interval=INTERVAL) as peers,
+    ):
+        yield peers["x"]
 
 
 @asynccontextmanager
@@ -65,7 +77,7 @@ async def test_a_resign_during_an_inline_round_holds_its_bids_for_the_resign_hol
         assert trio.current_time() - resigned >= hold - INTERVAL * 0.05
 
 
-@pytest.mark.parametrize("form", ["session", "open_peer"])
+@pytest.mark.parametrize("form", ["session", "open_peers", "open_peer"])
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 async def test_an_exit_whose_cleanup_raises_still_ends_the_block(
     autojump_clock: trio.testing.MockClock,
@@ -137,7 +149,7 @@ async def test_an_inline_round_with_an_unusable_outcome_fails_that_round_only(
     assert trio.current_time() - exiting < 0.1
 
 
-@pytest.mark.parametrize("form", ["session", "open_peer"])
+@pytest.mark.parametrize("form", ["session", "open_peers", "open_peer"])
 async def test_a_stop_that_overruns_still_ends_every_leadership_channel(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, form: str
 ) -> None:
@@ -276,3 +288,30 @@ async def test_many_names_leaving_during_a_batch_in_flight_release_every_name(
         await wait_for(lambda: all(p.is_leader for p in b.values()), limit=0.3, poll=0.001)
         await left.wait()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("form", ["session", "open_peers", "open_peer"])
+async def test_a_peer_that_fails_after_entry_raises_its_error_not_a_cancellation(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """Regression: when a peer's own task failed after entry (a bug of ours or a backend's),
+    the failure cancelled the ``async with`` body, and the block re-raised the body's
+    exception: that ``Cancelled``, out of a scope that nobody had cancelled. Now the
+    failure itself comes out, and the peer has still released its lease."""
+
+    async def broken_sleep(self: Peer) -> None:
+        await trio.sleep(INTERVAL / 4)
+        raise RuntimeError("loop bug")
+
+    monkeypatch.setattr(trio_peers._peer.Peer, "_sleep_until_next_round", broken_sleep)
+    backend = MemoryBackend()
+    raised: BaseException | None = None
+    with trio.fail_after(60):
+        try:
+            async with one_name(backend, form) as peer:
+                assert peer.is_leader
+                await trio.sleep_forever()
+        except BaseException as exc:  # (a Cancelled too: pytest.raises would let it by)
+            raised = exc
+    assert isinstance(raised, RuntimeError) and str(raised) == "loop bug", repr(raised)
+    assert backend.leader("x") is None

@@ -873,7 +873,7 @@ def test_sessions_share_names_safely(
         assert_work_in_tenures(name, tenures, work)
 
 
-@pytest.mark.parametrize("form", ["session", "open_peer"])
+@pytest.mark.parametrize("form", ["session", "open_peers", "open_peer"])
 async def test_cancelled_exit_during_a_winning_bid_releases_what_it_won(
     autojump_clock: trio.testing.MockClock, form: str
 ) -> None:
@@ -890,7 +890,7 @@ async def test_cancelled_exit_during_a_winning_bid_releases_what_it_won(
         if form == "open_peer":
             config = PeerConfig(dsn="memory://", name="n", node="b", interval=1.0)
             return trio_peers.open_peer(config, backend=backend)
-        return _session_peer(backend, "b", "n")
+        return _session_peer(backend, "b", "n", many=form == "open_peers")
 
     async with open_session("memory://", backend=backend, node="a") as sa:
         async with sa.open_peer(name="n", interval=1.0) as a, trio.open_nursery() as nursery:
@@ -908,9 +908,13 @@ async def test_cancelled_exit_during_a_winning_bid_releases_what_it_won(
 
 
 @asynccontextmanager
-async def _session_peer(backend: MemoryBackend, node: str, name: str) -> AsyncIterator[object]:
-    async with (
-        open_session("memory://", backend=backend, node=node) as session,
-        session.open_peer(name=name, interval=1.0) as peer,
-    ):
-        yield peer
+async def _session_peer(
+    backend: MemoryBackend, node: str, name: str, *, many: bool = False
+) -> AsyncIterator[object]:
+    async with open_session("memory://", backend=backend, node=node) as session:
+        if many:  # open_peers: the name's main task runs in the block's own nursery
+            async with session.open_peers([name], interval=1.0) as peers:
+                yield peers[name]
+        else:
+            async with session.open_peer(name=name, interval=1.0) as peer:
+                yield peer

@@ -59,7 +59,7 @@ from ._exceptions import (
 from ._fence import Fence, make_fence
 from ._leader_work import LeaderScope, LeaderWork
 from ._sql import Statements
-from ._util import NoPublicConstructor, SharedLog, raise_single
+from ._util import NoPublicConstructor, SharedLog, raise_after_body
 
 if TYPE_CHECKING:
     import asyncpg
@@ -1336,9 +1336,6 @@ async def run_peer(
                     if nursery.child_tasks:
                         nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        if body_error is not None:
-            # The body's own exception, as raised; the peer's failure is its __context__.
-            raise body_error  # noqa: B904
-        raise_single(group)
+        raise_after_body(group, body_error)
     if body_error is not None:
         raise body_error

@@ -70,7 +70,7 @@ from ._exceptions import (
 )
 from ._peer import Peer, check_event_hook, run_peer
 from ._sql import Statements, unlogged_warning
-from ._util import Deadlines, NoPublicConstructor, SharedLog, raise_single
+from ._util import Deadlines, NoPublicConstructor, SharedLog, raise_after_body
 
 log: Final = logging.getLogger("trio_peers")
 
@@ -461,9 +461,7 @@ class PeerSession(metaclass=NoPublicConstructor):
                     for peer in peers.values():
                         peer._request_stop()
         except BaseExceptionGroup as group:
-            if body_error is not None:
-                raise body_error  # noqa: B904
-            raise_single(group)
+            raise_after_body(group, body_error)
         if body_error is not None:
             raise body_error
 
@@ -1039,9 +1037,7 @@ async def _serve_session(
                 session._serve_scope.cancel()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        if body_error is not None:
-            raise body_error  # noqa: B904
-        raise_single(group)
+        raise_after_body(group, body_error)
     if body_error is not None:
         raise body_error
 

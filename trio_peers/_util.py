@@ -109,6 +109,21 @@ def raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
         del exc, group
 
 
+def raise_after_body(
+    group: BaseExceptionGroup[BaseException], body_error: BaseException | None
+) -> NoReturn:
+    """Raise what ends a block whose own tasks failed (``group``) after or while its body ran.
+
+    The body's exception as it was raised (the tasks' failure is its ``__context__``), unless
+    the body was merely cancelled by that failure: a :exc:`trio.Cancelled` must not leave
+    the block whose nursery cancelled it, so the failure is raised instead (as one exception
+    if it is one, else the group).
+    """
+    if body_error is not None and not isinstance(body_error, trio.Cancelled):
+        raise body_error
+    raise_single(group)
+
+
 class Deadlines(Generic[K]):
     """One pending deadline per key, earliest first: a session's timer and its watchdog. Sync.
 
