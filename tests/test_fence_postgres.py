@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio_asyncio
 
-from trio_peers import Fence, Peer, TenureLost, open_peer
+from trio_peers import Fence, Peer, TenureLost, open_peer, open_session
 from trio_peers.testing import PostgresServer
 
 from ._pgutil import open_sql, peer_config, wait_for
@@ -304,3 +304,53 @@ async def test_fenced_writes_commit_in_term_order_under_faults(
     for r in rows:
         owners.setdefault(r["term"], set()).add(r["node"])
     assert all(len(n) == 1 for n in owners.values()), owners
+
+
+async def test_a_fenced_transaction_of_one_session_name_leaves_the_others_on_schedule(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sessions: a fenced transaction held open on one name's row past its lease makes that
+    name busy in the session's batched rounds, and only that name: the session's other
+    names keep renewing on schedule in the same statements, nobody takes the fenced name
+    over until the transaction ends, no round fails, and the session does not reconnect."""
+    names = [f"fenced-{i}" for i in range(5)]
+    lapsed: list[str] = []  # names of session a seen not leading while fenced
+
+    async def sample(peers: dict[str, Peer], stop: trio.Event) -> None:
+        while not stop.is_set():
+            lapsed.extend(name for name, peer in peers.items() if not peer.is_leader)
+            await trio.sleep(0.02)
+
+    with caplog.at_level(logging.WARNING, logger="trio_peers"):
+        async with (
+            open_sql(dsn) as sql,
+            writer(dsn) as conn,
+            open_session(dsn, node="a") as sa,
+            sa.open_peers(names, interval=INTERVAL) as a,
+            open_session(dsn, node="b") as sb,
+            sb.open_peers(names, interval=INTERVAL) as b,
+            trio.open_nursery() as nursery,
+        ):
+            await sql.execute(WRITES)
+            assert all(peer.is_leader for peer in a.values())
+            fenced = a[names[0]]
+            stop = trio.Event()
+            async with fenced.fenced_transaction(conn) as fence:
+                await run(conn, "INSERT INTO writes VALUES ($1, 'long')", fence.term)
+                nursery.start_soon(sample, {n: a[n] for n in names[1:]}, stop)
+                await trio.sleep(3 * INTERVAL)  # the fenced name's lease has expired
+                stop.set()
+                assert not fenced.is_leader  # its trust ended at its deadline
+                assert not any(peer.is_leader for peer in b.values())
+                committed_before = await sql.fetchval("SELECT clock_timestamp()")
+            assert lapsed == [], f"other names stopped leading: {sorted(set(lapsed))}"
+            await wait_for(lambda: fenced.is_leader or b[names[0]].is_leader, limit=3 * INTERVAL)
+            row = await sql.row(names[0])
+            assert row["term"] == fence.term + 1
+            assert row["started_at"] > committed_before
+            for peer in [*a.values(), *b.values()]:
+                assert peer.statistics().elections_failed == 0, peer.statistics()
+            assert sa.statistics().connects == 1 and sb.statistics().connects == 1
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert all("locked by another transaction" in r.getMessage() for r in warnings), warnings
+    assert 1 <= len(warnings) <= 2
