@@ -131,9 +131,13 @@ async def test_open_fenced_transaction_blocks_takeover_until_it_ends(
             nursery.start_soon(watch, b)
             async with a.fenced_transaction(conn) as fence:
                 await run(conn, "INSERT INTO writes VALUES ($1, 'long')", fence.term)
+                runs = [peer.statistics().elections_run for peer in (a, b)]
                 await trio.sleep(3 * INTERVAL)  # the lease has expired meanwhile
                 assert not b.is_leader
                 assert not a.is_leader  # its trust ended at its deadline: it could not renew
+                # Neither election loop hung behind the lock: both kept running rounds.
+                after = [peer.statistics().elections_run for peer in (a, b)]
+                assert all(n - m >= 2 for m, n in zip(runs, after, strict=True)), (runs, after)
                 committed_before = await sql.fetchval("SELECT clock_timestamp()")
             await wait_for(lambda: a.is_leader or b.is_leader, limit=INTERVAL * 3)
             row = await sql.row()
