@@ -22,10 +22,14 @@ server's blocking methods through ``trio.to_thread.run_sync``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
+import trio
 from hypothesis import settings
 
 if TYPE_CHECKING:  # the plugin is imported by pytest (below), to rewrite its asserts
@@ -46,6 +50,44 @@ if os.environ.get("HYPOTHESIS_PROFILE"):
     settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 elif not os.environ.get("CI"):
     settings.load_profile("dev")
+
+
+# ---------------------------------------------------------------- a Cancelled escaping a test
+#
+# pytest-trio 0.8 reports a test as passed when a trio.Cancelled escapes its function (seen
+# when a peer's failure reached the user's block as the Cancelled it caused in the body:
+# pytest.raises let it by, and the test passed). Every async test is wrapped so that such
+# an escape fails the test instead.
+
+
+def _no_escaping_cancelled(fn: Callable[..., Awaitable[object]]) -> Callable[..., object]:
+    if getattr(fn, "_no_escaping_cancelled", False):
+        return fn
+
+    @functools.wraps(fn)
+    async def guarded(*args: object, **kwargs: object) -> object:
+        try:
+            return await fn(*args, **kwargs)
+        except trio.Cancelled as exc:
+            raise AssertionError(
+                "a trio.Cancelled escaped the test function (not raised by a scope of the "
+                "test's own): something under test let a cancellation leave its scope"
+            ) from exc
+
+    guarded._no_escaping_cancelled = True  # type: ignore[attr-defined]
+    return guarded
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # before pytest-trio wraps the function
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    if isinstance(item, pytest.Function) and item.get_closest_marker("trio") is not None:
+        inner = getattr(item.obj, "hypothesis", None)
+        if inner is not None:
+            if inspect.iscoroutinefunction(inner.inner_test):
+                inner.inner_test = _no_escaping_cancelled(inner.inner_test)
+        elif inspect.iscoroutinefunction(item.obj):
+            item.obj = _no_escaping_cancelled(item.obj)
+    yield
 
 
 # ---------------------------------------------------------------- PostgreSQL
