@@ -140,6 +140,10 @@ class ElectRequest:
     lease: float
     """The lease length to grant, in seconds (the name's ``interval``)."""
     held_term: int | None
+    barrier: float = 0.0
+    """How long a failover barrier installed by this bid lasts, in seconds
+    (:func:`~trio_peers._core.drift_bound` of the name's ``interval``; see
+    :mod:`trio_peers._term`). Backends without timelines ignore it."""
 
 
 @final
