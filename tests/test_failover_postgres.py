@@ -156,10 +156,12 @@ async def run_member(
     node: str,
     names: list[str],
     session: bool,
+    largest_batch: list[int] | None = None,
     *,
     task_status: trio.TaskStatus[tuple[Mapping[str, Peer], trio.Event]],
 ) -> None:
-    """One process's peers of ``names``: one open_peer, or one session for all names."""
+    """One process's peers of ``names``: one open_peer, or one session for all names (whose
+    largest statement before ``stop`` is appended to ``largest_batch``)."""
     stop = trio.Event()
     if session:
         async with (
@@ -168,6 +170,8 @@ async def run_member(
         ):
             task_status.started((peers, stop))
             await stop.wait()
+            if largest_batch is not None:
+                largest_batch.append(s.statistics().largest_batch)
     else:
         (name,) = names
         config = peer_config(
@@ -202,6 +206,7 @@ async def failover_with_peers(
     held: dict[str, list[tuple[float, str, int]]] = {name: [] for name in names}
     two_leaders: list[tuple[float, str, dict[str, int]]] = []
     members: list[Mapping[str, Peer]] = []
+    c_batches: list[int] = []  # the largest statement of "c", which starts after the failover
 
     async def sample() -> None:
         while True:
@@ -242,7 +247,7 @@ async def failover_with_peers(
         promoted_at = trio.current_time()
         # A peer started after the failover knows nothing of the old lease: without the
         # barrier it would take the stale row at once, while "a" still trusts its lease.
-        c, stop_c = await nursery.start(run_member, dsn, "c", names, session)
+        c, stop_c = await nursery.start(run_member, dsn, "c", names, session, c_batches)
         members.append(c)
 
         def all_new() -> bool:
@@ -253,11 +258,16 @@ async def failover_with_peers(
 
         await wait_for(all_new, limit=30, poll=0.01)
         await trio.sleep(0.05)  # a few more samples of the new leaders
+        stop_c.set()  # first, so that its statistics count no release
+        if session:
+            await wait_for(lambda: bool(c_batches), limit=10)
         nursery.cancel_scope.cancel()
-        for stop in (stop_a, stop_b, stop_c):
+        for stop in (stop_a, stop_b):
             stop.set()
 
     assert not two_leaders, f"two trusted leaders at once: {two_leaders[:5]}"
+    if session:  # "c" elected its names in batches (elect_many), not one by one
+        assert c_batches == [len(names)]
     bound = CONNECT_TIMEOUT + BACKOFF_CAP * INTERVAL + PEER_BARRIER + INTERVAL + 0.5
     for name in names:
         old = [(t, term) for t, _, term in held[name] if term_timeline(term) == 1]
