@@ -46,7 +46,7 @@ async def main(role: str, dsn: str) -> None:
     loop = asyncio.get_running_loop()
 
     async def bid() -> int | None:
-        row = await elect.fetchrow(NAME, node, LEASE, None)
+        row = await elect.fetchrow(NAME, node, LEASE, None, LEASE, 0)
         assert row is not None  # the election statement always returns one row
         won: int | None = row["won_term"]
         return won

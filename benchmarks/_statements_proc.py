@@ -53,13 +53,13 @@ def through_asyncio(dsn: str, n: int, out: list[float]) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(dsn)
         elect = await conn.prepare(sql.elect)
-        row = await elect.fetchrow(name, "bench", lease, None)
+        row = await elect.fetchrow(name, "bench", lease, None, lease, 0)
         assert row is not None
         term = row["won_term"]
         assert term is not None
         for _ in range(n):
             t0 = time.perf_counter()
-            await elect.fetchrow(name, "bench", lease, term, timeout=5)
+            await elect.fetchrow(name, "bench", lease, term, lease, 0, timeout=5)
             out.append(time.perf_counter() - t0)
         await conn.execute("DELETE FROM trio_peers WHERE name = $1", name)
         await conn.close()

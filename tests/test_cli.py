@@ -193,6 +193,24 @@ def test_describe_change() -> None:
     assert describe_change("n", a1, None) == "n: lease row removed"
 
 
+def test_status_and_watch_name_a_failover_barrier() -> None:
+    import datetime
+
+    from trio_peers._cli._main import LeaseRow, _Seen, format_status_table
+
+    barrier, gone = _Seen("", 2**32 + 1, True), _Seen("", 2**32 + 1, False)
+    a1 = _Seen("a", 1, True)
+    assert describe_change("n", a1, barrier) == "n: no leader: failover barrier, term 4294967297"
+    assert describe_change("n", barrier, gone) == (
+        "n: no leader (failover barrier of term 4294967297 ended)"
+    )
+    at = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    row = LeaseRow("n", "", 2**32 + 1, at, at, True, 0.5)
+    assert row.as_json()["leader"] is None and row.as_json()["barrier"] is True
+    line = format_status_table([row])[1]
+    assert "barrier" in line and "(failover barrier)" in line
+
+
 # ---------------------------------------------------------------------- migrate
 
 

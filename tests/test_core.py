@@ -9,6 +9,7 @@ import attrs
 import pytest
 
 from trio_peers._core import (
+    BACKOFF_CAP,
     JITTER,
     Change,
     CoreError,
@@ -325,13 +326,23 @@ def test_the_core_decides_when_a_failed_round_is_retried_by_the_kind_of_fault() 
             core.round_failed(now, cause=cause)
             assert core.next_round_at == now + 5.0
             now = core.next_round_at
-    for cause in ("unavailable", "unexpected"):
+    for cause in ("unavailable", "unexpected", "behind"):
         core = ElectionCore(
             interval=5.0, leader_boost=2.0, trust_margin=0.1, statement_timeout=1.0
         )
         core.start_round(0.0)
         core.round_failed(0.0, cause=cause)
         assert 0 < core.next_round_at <= core.backoff_base
+    # A server behind a timeline the peer saw (an old primary) may be left for the new one
+    # at any moment: retried at the failures' bounded rate, never slower than the cap.
+    core = ElectionCore(interval=5.0, leader_boost=2.0, trust_margin=0.1, statement_timeout=1.0)
+    now = 0.0
+    for _ in range(20):
+        core.start_round(now)
+        core.round_failed(now, cause="behind")
+        assert 0 < core.next_round_at - now <= 5.0 * BACKOFF_CAP
+        assert not core.is_leader(now)
+        now = core.next_round_at
 
 
 def test_bids_are_held_while_work_of_an_ended_tenure_winds_down() -> None:

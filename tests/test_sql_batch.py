@@ -31,7 +31,13 @@ async def elect(
     sql: SQL, names: list[str], node: str, held: list[int | None], lease: float = 60.0
 ) -> dict[str, Any]:
     rows = await sql.fetch(
-        STATEMENTS.elect_many, names, [node] * len(names), [lease] * len(names), held
+        STATEMENTS.elect_many,
+        names,
+        [node] * len(names),
+        [lease] * len(names),
+        held,
+        [lease] * len(names),
+        0,
     )
     return {r["name"]: r for r in rows}
 
@@ -216,6 +222,8 @@ async def test_a_batched_renewal_reads_the_requests_once_not_once_per_row(pg_dsn
             ["a"] * len(names),
             [60.0] * len(names),
             terms,
+            [60.0] * len(names),
+            0,
         )
         plan = json.loads(plan) if isinstance(plan, str) else plan
         nodes = _plan_nodes(plan[0]["Plan"])

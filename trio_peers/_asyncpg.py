@@ -44,18 +44,20 @@ from ._backend import (
     SessionSettings,
 )
 from ._config import PeerConfig, check_identifier
-from ._core import ElectionOutcome, down_payload
+from ._core import ElectionOutcome, down_payload, drift_bound
 from ._dsn import HostPort, MultiHostDSN, parse_multihost
 from ._exceptions import (
     BackendMisconfigured,
     BackendUnavailable,
     SchemaError,
+    ServerBehind,
     TableMissing,
     TenureLost,
 )
 from ._fence import Fence
 from ._position import POSITION_QUERY, ServerPosition
 from ._sql import MIGRATE_LOCK_KEY, Statements, shape_problems, unlogged_warning
+from ._term import BARRIER_NODE, TimelineMemory, term_timeline
 from ._util import raise_single
 
 if TYPE_CHECKING:
@@ -377,6 +379,7 @@ class _Prepared:
     elect: PreparedStatement | None
     release: PreparedStatement | None
     unlogged: bool
+    position: ServerPosition
 
 
 async def _aio_open_peer_connection(
@@ -395,6 +398,7 @@ async def _aio_open_peer_connection(
     conn = await _aio_connect(config.dsn, config.connect_timeout, statement_cache=config.listen)
     try:
         timeout = config.connect_timeout
+        position = await _aio_fetch_position(conn, timeout)
         unlogged = await _aio_check_table(conn, sql, timeout)
         elect = release = None
         if config.listen:
@@ -405,7 +409,7 @@ async def _aio_open_peer_connection(
     except BaseException:
         conn.terminate()
         raise
-    return _Prepared(conn, elect, release, unlogged)
+    return _Prepared(conn, elect, release, unlogged, position)
 
 
 async def _aio_migrate(conn: Connection, sql: Statements, unlogged: bool) -> bool:
@@ -427,6 +431,55 @@ async def _aio_migrate(conn: Connection, sql: Statements, unlogged: bool) -> boo
 # ---------------------------------------------------------------------- Trio side
 
 
+def _saw_timeline(
+    memory: TimelineMemory, system_identifier: int, timeline: int | None, minimum: int, who: str
+) -> None:
+    """Remember the timeline an election statement reported; raise if it wrote nothing
+    because the server is behind one seen before (its ``minimum``)."""
+    if timeline is None:  # (a standby: the statement failed as read-only before this)
+        return
+    if timeline < minimum:
+        raise ServerBehind(
+            f"the server is on timeline {timeline}, behind timeline {minimum} that {who} saw "
+            f"on a server of the same system (system_identifier {system_identifier}): it "
+            "is an old primary left behind by a failover; not leading there, retrying (fix "
+            "the DSN or stop that server)"
+        )
+    memory.saw(system_identifier, timeline)
+
+
+def _note_barrier(
+    memory: TimelineMemory, system_identifier: int, row: Record, who: str, name: str
+) -> None:
+    """Log (once per timeline) that a bid installed or met a failover barrier."""
+    if row["holder_node"] != BARRIER_NODE or row["holder_term"] is None:
+        return
+    timeline = term_timeline(row["holder_term"])
+    if not memory.first_barrier(system_identifier, timeline):
+        return
+    over = row["barrier_over"]
+    if over is not None:
+        log.info(
+            "trio-peers %s (%s): the lease was last written on timeline %d and the server is "
+            "on timeline %d (a failover): installed a failover barrier for %.3g s, so that no "
+            "leader of the old primary can still trust its lease when the next one is elected",
+            name,
+            who,
+            term_timeline(over),
+            timeline,
+            row["holder_remaining"],
+        )
+    else:
+        log.info(
+            "trio-peers %s (%s): met a failover barrier of timeline %d (the server was promoted); "
+            "the lease can be taken in %.3g s",
+            name,
+            who,
+            timeline,
+            row["holder_remaining"],
+        )
+
+
 @final
 class AsyncpgConnection:
     """Trio-flavoured wrapper of one asyncpg connection of one peer."""
@@ -437,6 +490,7 @@ class AsyncpgConnection:
         config: PeerConfig,
         sql: Statements,
         loop: asyncio.AbstractEventLoop,
+        memory: TimelineMemory,
     ) -> None:
         self._loop = loop
         self._conn = prepared.conn
@@ -445,12 +499,20 @@ class AsyncpgConnection:
         self._config = config
         self._sql = sql
         self._lease = datetime.timedelta(seconds=config.interval)
+        self._barrier = datetime.timedelta(
+            seconds=drift_bound(config.interval, config.max_clock_drift)
+        )
+        self._memory = memory
+        self._system = prepared.position.system_identifier
+        if prepared.position.timeline is not None:
+            memory.saw(self._system, prepared.position.timeline)
 
     async def elect(
         self, *, node: str, held_term: int | None, statement_timeout: float
     ) -> ElectionOutcome:
+        minimum = self._memory.minimum(self._system)
         with _mapped():
-            args = (self._config.name, node, self._lease, held_term)
+            args = (self._config.name, node, self._lease, held_term, self._barrier, minimum)
             if self._elect is not None:
                 row: Record | None = await _aio(self._elect.fetchrow, self._loop)(
                     *args, timeout=statement_timeout
@@ -461,16 +523,9 @@ class AsyncpgConnection:
                 )
         if row is None:  # pragma: no cover - the SELECT always returns one row
             raise BackendUnavailable("election statement returned no row")
-        won: int | None = row["won_term"]
-        if won is not None:
-            return ElectionOutcome(term=won, lease_remaining=row["won_remaining"])
-        return ElectionOutcome(
-            term=None,
-            holder_node=row["holder_node"],
-            holder_term=row["holder_term"],
-            holder_remaining=row["holder_remaining"],
-            busy=row["busy"],
-        )
+        _saw_timeline(self._memory, self._system, row["timeline"], minimum, "this peer")
+        _note_barrier(self._memory, self._system, row, node, self._config.name)
+        return _outcome(row)
 
     async def release(
         self, *, node: str, term: int, sender: str, statement_timeout: float
@@ -527,6 +582,7 @@ class AsyncpgConnector:
         self._loop = loop
         self._sql = Statements(config.prefix, config.table)
         self._unlogged_warned = False
+        self._memory = TimelineMemory()  # the peer's: it outlives each connection
 
     async def connect(
         self,
@@ -554,7 +610,7 @@ class AsyncpgConnector:
         if prepared.unlogged and not self._unlogged_warned:
             self._unlogged_warned = True  # once per peer
             log.warning("trio-peers %s: %s", self._config.name, unlogged_warning(self._sql))
-        return AsyncpgConnection(prepared, self._config, self._sql, self._loop)
+        return AsyncpgConnection(prepared, self._config, self._sql, self._loop, self._memory)
 
 
 @final
@@ -621,13 +677,18 @@ async def _aio_prepare_table(
 
 async def _aio_session_connect(
     settings: SessionSettings, on_terminate: Callable[[object], None]
-) -> Connection:
-    """asyncio-flavoured: open a session's connection."""
+) -> tuple[Connection, ServerPosition]:
+    """asyncio-flavoured: open a session's connection and read the server's position."""
     conn = await _aio_connect(
         settings.dsn, settings.connect_timeout, statement_cache=settings.listen
     )
-    conn.add_termination_listener(on_terminate)
-    return conn
+    try:
+        position = await _aio_fetch_position(conn, settings.connect_timeout)
+        conn.add_termination_listener(on_terminate)
+    except BaseException:
+        conn.terminate()
+        raise
+    return conn, position
 
 
 def _outcome(row: Record) -> ElectionOutcome:
@@ -653,8 +714,14 @@ class AsyncpgSessionConnection:
         settings: SessionSettings,
         loop: asyncio.AbstractEventLoop,
         on_notify: Callable[[object, int, str, object], None],
+        position: ServerPosition,
+        memory: TimelineMemory,
     ) -> None:
         self._conn = conn
+        self._memory = memory
+        self._system = position.system_identifier
+        if position.timeline is not None:
+            memory.saw(self._system, position.timeline)
         self._settings = settings
         self._loop = loop
         self._on_notify = on_notify
@@ -680,6 +747,7 @@ class AsyncpgSessionConnection:
         self, table: LeaseTable, requests: Sequence[ElectRequest], *, statement_timeout: float
     ) -> list[ElectionOutcome]:
         prepared = self._table(table)
+        minimum = self._memory.minimum(self._system)
         if len(requests) == 1:  # the single-name statement is the quicker one
             (r,) = requests
             args: tuple[object, ...] = (
@@ -687,6 +755,8 @@ class AsyncpgSessionConnection:
                 r.node,
                 datetime.timedelta(seconds=r.lease),
                 r.held_term,
+                datetime.timedelta(seconds=r.barrier),
+                minimum,
             )
             with _mapped():
                 if prepared.elect is not None:
@@ -699,12 +769,16 @@ class AsyncpgSessionConnection:
                     )
             if row is None:  # pragma: no cover - the SELECT always returns one row
                 raise BackendUnavailable("election statement returned no row")
+            _saw_timeline(self._memory, self._system, row["timeline"], minimum, "this session")
+            _note_barrier(self._memory, self._system, row, r.node, r.name)
             return [_outcome(row)]
         args = (
             [r.name for r in requests],
             [r.node for r in requests],
             [r.lease for r in requests],
             [r.held_term for r in requests],
+            [r.barrier for r in requests],
+            minimum,
         )
         with _mapped():
             if prepared.elect_many is not None:
@@ -715,7 +789,13 @@ class AsyncpgSessionConnection:
                 rows = await _aio(self._conn.fetch, self._loop)(
                     prepared.sql.elect_many, *args, timeout=statement_timeout
                 )
+        if rows:
+            _saw_timeline(self._memory, self._system, rows[0]["timeline"], minimum, "this session")
         by_name = {row["name"]: row for row in rows}
+        for r in requests:
+            row = by_name[r.name]
+            if row["holder_node"] == BARRIER_NODE:
+                _note_barrier(self._memory, self._system, row, r.node, r.name)
         return [_outcome(by_name[r.name]) for r in requests]
 
     async def release(
@@ -789,6 +869,7 @@ class AsyncpgSessionConnector:
     def __init__(self, settings: SessionSettings, loop: asyncio.AbstractEventLoop) -> None:
         self._settings = settings
         self._loop = loop
+        self._memory = TimelineMemory()  # the session's: it outlives each connection
 
     async def connect(
         self,
@@ -810,8 +891,12 @@ class AsyncpgSessionConnector:
                 log.exception("trio-peers connection-lost callback failed")
 
         with _mapped(connecting=True):
-            conn = await _aio(_aio_session_connect, self._loop)(self._settings, on_terminate)
-        return AsyncpgSessionConnection(conn, self._settings, self._loop, on_notify)
+            conn, position = await _aio(_aio_session_connect, self._loop)(
+                self._settings, on_terminate
+            )
+        return AsyncpgSessionConnection(
+            conn, self._settings, self._loop, on_notify, position, self._memory
+        )
 
 
 @asynccontextmanager

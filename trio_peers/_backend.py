@@ -140,6 +140,11 @@ class ElectRequest:
     lease: float
     """The lease length to grant, in seconds (the name's ``interval``)."""
     held_term: int | None
+    barrier: float = 0.0
+    """How long a failover barrier installed by this bid lasts, in seconds:
+    ``interval * (1 + m) / (1 - m)`` plus the expiry slack, ``m`` the name's
+    ``max_clock_drift`` (see :doc:`/protocol`, "Failover"). Backends without timelines
+    ignore it."""
 
 
 @final

@@ -57,8 +57,27 @@ BACKOFF_CAP: Final = 0.5
 ALIGN_FRACTION: Final = 0.25
 
 
-FailureCause = Literal["unavailable", "unexpected", "table_missing", "misconfigured"]
+FailureCause = Literal["unavailable", "unexpected", "table_missing", "misconfigured", "behind"]
 """What kind of fault failed a round (see :meth:`ElectionCore.round_failed`)."""
+
+
+def expiry_slack(interval: float) -> float:
+    """How long after a lease's expiry (per the database) a follower bids for it."""
+    return EXPIRY_SLACK_MIN + EXPIRY_SLACK_FRACTION * interval
+
+
+def drift_bound(interval: float, max_clock_drift: float) -> float:
+    """The longest ``interval`` on any peer's clock can last on another's, plus slack.
+
+    A peer's round is at most ``interval`` away on its own clock; with clock rates that
+    differ by up to ``max_clock_drift`` (m) that is at most ``interval * (1 + m) / (1 - m)``
+    on another clock; plus :func:`expiry_slack`. It bounds how long a resigned peer holds
+    back (:attr:`ElectionCore.resign_hold`) and how long a failover barrier lasts
+    (:mod:`._term`): by then every lease granted with ``interval`` before it, trusted on
+    any clock, has ended.
+    """
+    m = max_clock_drift
+    return interval * (1 + m) / (1 - m) + expiry_slack(interval)
 
 
 class CoreError(Exception):
@@ -198,7 +217,7 @@ class ElectionCore:
 
     @property
     def expiry_slack(self) -> float:
-        return EXPIRY_SLACK_MIN + EXPIRY_SLACK_FRACTION * self.interval
+        return expiry_slack(self.interval)
 
     @property
     def backoff_base(self) -> float:
@@ -279,7 +298,9 @@ class ElectionCore:
 
         Trust ends at once; the tenure is remembered so a later round may resume it.
         The next round comes after :meth:`backoff` for a fault that may pass at any moment
-        (``"unavailable"``, ``"unexpected"``), and after one ``interval`` for one that an
+        (``"unavailable"``, ``"unexpected"``, ``"behind"``: the server is on an older
+        timeline than one this peer has seen, a resurrected old primary that a failover may
+        leave behind at any moment), and after one ``interval`` for one that an
         operator must fix (``"table_missing"``, ``"misconfigured"``): the shell says which
         kind of fault it was, the core decides when to try again.
         """
@@ -361,8 +382,7 @@ class ElectionCore:
         with rates differing by up to ``max_clock_drift`` (m) that is at most
         ``interval * (1 + m) / (1 - m)`` on ours, plus the expiry slack.
         """
-        m = self.max_clock_drift
-        return self.interval * (1 + m) / (1 - m) + self.expiry_slack
+        return drift_bound(self.interval, self.max_clock_drift)
 
     def _distrust(self) -> None:
         if self.tenure is not None:

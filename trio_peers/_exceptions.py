@@ -16,6 +16,15 @@ class BackendUnavailable(PeerError):
     """
 
 
+class ServerBehind(BackendUnavailable):
+    """The server is on an older timeline than one this peer saw in the same system.
+
+    An old primary that came back after a failover. A peer never leads there: each round
+    fails with this, and the peer retries with backoff (and reconnects: a multi-host DSN
+    may find the new primary).
+    """
+
+
 class BackendMisconfigured(PeerError):
     """A permanent problem that retrying cannot fix.
 

@@ -53,6 +53,7 @@ from ._exceptions import (
     BackendUnavailable,
     PeerError,
     SchemaError,
+    ServerBehind,
     TableMissing,
     TenureLost,
 )
@@ -835,6 +836,11 @@ class Peer(metaclass=NoPublicConstructor):
             propagate = entry
             if not entry:
                 log.error("trio-peers %s: %s", self.name, error)
+        elif isinstance(error, ServerBehind):
+            # An old primary left behind by a failover: follow, retry at the failures'
+            # bounded rate, and reconnect (a multi-host DSN may reach the new primary).
+            self._round_failed(error, "behind")
+            self._drop_connection()
         elif isinstance(error, BackendUnavailable | TimeoutError | trio.TooSlowError):
             self._round_failed(error, "unavailable")
             self._drop_connection()

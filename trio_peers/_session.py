@@ -59,7 +59,7 @@ from ._backend import (
     SessionSettings,
 )
 from ._config import PeerConfig, default_node
-from ._core import ElectionOutcome, aligned_wake, parse_downs
+from ._core import ElectionOutcome, aligned_wake, drift_bound, parse_downs
 from ._events import EventHook
 from ._exceptions import (
     BackendMisconfigured,
@@ -175,6 +175,8 @@ class _Member:
         self.table = LeaseTable(config.prefix, config.table)
         self.name = config.name
         self.statement_timeout = config.effective_statement_timeout
+        #: How long a failover barrier installed by this name's bid lasts (trio_peers._term).
+        self._barrier = drift_bound(config.interval, config.max_clock_drift)
         self.peer: Peer | None = None
         self.attached = False
         self.on_lost: Callable[[], None] | None = None
@@ -209,7 +211,11 @@ class _Member:
         elect = self._elect
         if elect is None or elect.held_term != held or elect.node != peer.node:
             elect = self._elect = ElectRequest(
-                name=self.name, node=peer.node, lease=self.config.interval, held_term=held
+                name=self.name,
+                node=peer.node,
+                lease=self.config.interval,
+                held_term=held,
+                barrier=self._barrier,
             )
         request = self._inline
         if request is None or not request.finished:
@@ -253,7 +259,11 @@ class _Member:
         self, *, node: str, held_term: int | None, statement_timeout: float
     ) -> ElectionOutcome:
         request = ElectRequest(
-            name=self.name, node=node, lease=self.config.interval, held_term=held_term
+            name=self.name,
+            node=node,
+            lease=self.config.interval,
+            held_term=held_term,
+            barrier=self._barrier,
         )
         result = await self.session._submit(self, "elect", statement_timeout, elect=request)
         assert isinstance(result, ElectionOutcome)

@@ -46,25 +46,38 @@ class Statements:
 
     @property
     def elect(self) -> str:
-        # $1 name, $2 node, $3 lease length (interval), $4 held term or NULL.
+        # $1 name, $2 node, $3 lease length (interval), $4 held term or NULL, $5 barrier
+        # length (interval), $6 lowest timeline this peer may write on (0: any).
         # docs/protocol.rst describes this statement; keep the two in step.
         #
         # One statement, so one round trip and one transaction. now() is the
         # statement's start: expiry and the expired check use the database
         # clock only.
         #
+        # `pos` reads the server's timeline tl (the first 8 hex digits of the current WAL
+        # file's name; NULL on a standby, where the write fails as read-only anyway).
+        # Terms carry it (trio_peers/_term.py): a new tenure's term is
+        # greatest(term + 1, first(tl)), first(tl) = ((tl - 1) << 32) | 1, so terms grow
+        # across a promotion even when the last commits were lost. On a server behind
+        # $6 (a resurrected old primary) nothing is written: `behind`.
+        #
         # `cur` reads the row from the statement's snapshot, without a lock. If it
         # shows an unexpired lease of another tenure, the INSERT gets no row to
         # insert, so a denied bid locks nothing and writes nothing: no transaction
-        # id, no WAL, no commit to flush. Otherwise (no row, an expired row, or
-        # our own tenure $4) the UPSERT runs, and its WHERE re-checks the newest
-        # row version under the row lock, admitting exactly two cases:
-        #   * the lease is absent or expired: take it with term + 1;
+        # id, no WAL, no commit to flush. Otherwise (no row, an expired row, our own
+        # tenure $4, or a row last written on an older timeline) the UPSERT runs, and
+        # its WHERE re-checks the newest row version under the row lock, admitting
+        # exactly three cases:
+        #   * the row was written on an older timeline (live or not, whoever holds it):
+        #     it becomes a failover barrier: node '' (no peer has it), the next term,
+        #     lease $5; the bid is denied and reports the barrier as the holder;
+        #   * the lease is absent or expired: take it with the next term;
         #   * this node holds exactly tenure $4 and it has not expired: renew it.
         # A renewal can therefore never touch another node's lease, nor another
-        # tenure of the same node value (oban#1488, oban-py#32). A snapshot that
-        # saw an expired lease which another peer took meanwhile locks the row
-        # and changes nothing (the only denied bid that writes: a lost race).
+        # tenure of the same node value (oban#1488, oban-py#32), nor a barrier. A
+        # snapshot that saw an expired lease which another peer took meanwhile locks
+        # the row and changes nothing (a denied bid that writes: a lost race; the
+        # other is installing a barrier, once per row per failover).
         #
         # The final SELECT reports the holder of a denied bid from the snapshot.
         # It also makes this statement's commit synchronous (transaction-local, so
@@ -73,14 +86,20 @@ class Statements:
         # crash could hand the same term out twice.
         t = self.qualified
         return f"""
-WITH cur AS (
+WITH pos AS (
+    SELECT CASE WHEN NOT pg_is_in_recovery() THEN
+        ('x' || lpad(left(pg_walfile_name(pg_current_wal_lsn()), 8), 16, '0'))::bit(64)::bigint
+    END AS tl
+),
+cur AS (
     SELECT node, term, expires_at FROM {t} WHERE name = $1
 ),
 may AS (
-    SELECT NOT EXISTS (
+    SELECT (SELECT tl FROM pos) >= $6::bigint AND NOT EXISTS (
         SELECT FROM cur
         WHERE cur.expires_at > now()
           AND NOT (cur.node = $2 AND cur.term IS NOT DISTINCT FROM $4::bigint)
+          AND (cur.term >> 32) + 1 >= (SELECT tl FROM pos)
     ) AS write
 ),
 locked AS (
@@ -89,24 +108,34 @@ locked AS (
 ),
 attempt AS (
     INSERT INTO {t} AS p (name, node, term, started_at, expires_at)
-    SELECT $1, $2, 1, now(), now() + $3::interval
+    SELECT $1, $2, (((SELECT tl FROM pos) - 1) << 32) | 1, now(), now() + $3::interval
     WHERE (SELECT write FROM may)
       AND (EXISTS (SELECT FROM locked) OR NOT EXISTS (SELECT FROM cur))
     ON CONFLICT (name) DO UPDATE SET
-        node = EXCLUDED.node,
-        term = CASE WHEN p.expires_at <= now() THEN p.term + 1 ELSE p.term END,
-        started_at = CASE WHEN p.expires_at <= now() THEN now() ELSE p.started_at END,
-        expires_at = EXCLUDED.expires_at
+        node = CASE WHEN (p.term >> 32) + 1 < (SELECT tl FROM pos) THEN ''
+                    ELSE EXCLUDED.node END,
+        term = CASE WHEN p.expires_at <= now() OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
+                    THEN greatest(p.term + 1, EXCLUDED.term) ELSE p.term END,
+        started_at = CASE WHEN p.expires_at <= now()
+                            OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
+                          THEN now() ELSE p.started_at END,
+        expires_at = CASE WHEN (p.term >> 32) + 1 < (SELECT tl FROM pos)
+                          THEN now() + $5::interval ELSE EXCLUDED.expires_at END
     WHERE p.expires_at <= now() OR (p.node = $2 AND p.term = $4::bigint)
-    RETURNING p.term, p.expires_at
+       OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
+    RETURNING p.node, p.term, p.expires_at
 )
-SELECT a.term AS won_term,
-       EXTRACT(EPOCH FROM a.expires_at - now())::float8 AS won_remaining,
+SELECT CASE WHEN a.node <> '' THEN a.term END AS won_term,
+       CASE WHEN a.node <> '' THEN EXTRACT(EPOCH FROM a.expires_at - now())::float8 END
+           AS won_remaining,
        (a.term IS NULL AND (SELECT write FROM may) AND EXISTS (SELECT FROM cur)
         AND NOT EXISTS (SELECT FROM locked)) AS busy,
-       h.node AS holder_node,
-       h.term AS holder_term,
-       EXTRACT(EPOCH FROM h.expires_at - now())::float8 AS holder_remaining
+       CASE WHEN a.node = '' THEN a.node ELSE h.node END AS holder_node,
+       CASE WHEN a.node = '' THEN a.term ELSE h.term END AS holder_term,
+       EXTRACT(EPOCH FROM CASE WHEN a.node = '' THEN a.expires_at ELSE h.expires_at END
+               - now())::float8 AS holder_remaining,
+       (SELECT tl FROM pos) AS timeline,
+       CASE WHEN a.node = '' THEN (SELECT term FROM cur) END AS barrier_over
 FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 LEFT JOIN attempt AS a ON true
 LEFT JOIN cur AS h ON a.term IS NULL AND h.expires_at > now()
@@ -116,12 +145,14 @@ LEFT JOIN cur AS h ON a.term IS NULL AND h.expires_at > now()
     def elect_many(self) -> str:
         # Many names in one statement: the batched form of `elect`, for sessions that run
         # the rounds of many names at once (docs/protocol.rst, "Batched elections").
-        # $1 names, $2 nodes, $3 lease lengths in seconds, $4 held terms (NULL: none), as
-        # arrays of one length; the names must be distinct (PostgreSQL refuses to update
-        # one row twice in one ON CONFLICT).
+        # $1 names, $2 nodes, $3 lease lengths in seconds, $4 held terms (NULL: none),
+        # $5 barrier lengths in seconds, as arrays of one length; the names must be
+        # distinct (PostgreSQL refuses to update one row twice in one ON CONFLICT). $6 the
+        # lowest timeline the session may write on (0: any).
         #
-        # Per name, the same rules as `elect`: a snapshot read first; a pure read (no lock,
-        # nothing written) when it shows a live lease of another tenure. The rows it may
+        # Per name, the same rules as `elect` (timelines, terms, barriers): a snapshot read
+        # first; a pure read (no lock, nothing written) when it shows a live lease of
+        # another tenure written on the server's timeline. The rows it may
         # write are locked in name order with SKIP LOCKED, so a batch never waits for a
         # row that another transaction holds (another session's batch, a fenced write):
         # such a name is reported busy and left alone, and two batches cannot deadlock.
@@ -129,19 +160,27 @@ LEFT JOIN cur AS h ON a.term IS NULL AND h.expires_at > now()
         # statement wait for that one (another election: a few milliseconds). The renewal
         # test looks the held term up in one hashed set of (name, held) pairs: a lookup
         # per row correlated by name scanned every request for each renewed row, and made
-        # a renewal of 1,000 names cost the server 90 ms instead of about 10.
+        # a renewal of 1,000 names cost the server 90 ms instead of about 10. The barrier
+        # length is looked up per name only for a row that becomes a barrier.
         t = self.qualified
         return f"""
-WITH req AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[])
-        AS r(name, node, lease, held)
+WITH pos AS (
+    SELECT CASE WHEN NOT pg_is_in_recovery() THEN
+        ('x' || lpad(left(pg_walfile_name(pg_current_wal_lsn()), 8), 16, '0'))::bit(64)::bigint
+    END AS tl
+),
+req AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[], $5::float8[])
+        AS r(name, node, lease, held, barrier)
 ),
 cur AS (
     SELECT t.name, t.node, t.term, t.expires_at FROM {t} AS t JOIN req USING (name)
 ),
 want AS (
     SELECT r.* FROM req AS r LEFT JOIN cur AS c USING (name)
-    WHERE c.name IS NULL OR c.expires_at <= now() OR (c.node = r.node AND c.term = r.held)
+    WHERE (SELECT tl FROM pos) >= $6::bigint
+      AND (c.name IS NULL OR c.expires_at <= now() OR (c.node = r.node AND c.term = r.held)
+           OR (c.term >> 32) + 1 < (SELECT tl FROM pos))
 ),
 locked AS (
     SELECT t.name FROM {t} AS t JOIN want USING (name)
@@ -149,30 +188,44 @@ locked AS (
 ),
 attempt AS (
     INSERT INTO {t} AS p (name, node, term, started_at, expires_at)
-    SELECT w.name, w.node, 1, now(), now() + make_interval(secs => w.lease)
+    SELECT w.name, w.node, (((SELECT tl FROM pos) - 1) << 32) | 1, now(),
+           now() + make_interval(secs => w.lease)
     FROM want AS w
     WHERE w.name IN (SELECT name FROM locked) OR w.name NOT IN (SELECT name FROM cur)
     ORDER BY w.name
     ON CONFLICT (name) DO UPDATE SET
-        node = EXCLUDED.node,
-        term = CASE WHEN p.expires_at <= now() THEN p.term + 1 ELSE p.term END,
-        started_at = CASE WHEN p.expires_at <= now() THEN now() ELSE p.started_at END,
-        expires_at = EXCLUDED.expires_at
+        node = CASE WHEN (p.term >> 32) + 1 < (SELECT tl FROM pos) THEN ''
+                    ELSE EXCLUDED.node END,
+        term = CASE WHEN p.expires_at <= now() OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
+                    THEN greatest(p.term + 1, EXCLUDED.term) ELSE p.term END,
+        started_at = CASE WHEN p.expires_at <= now()
+                            OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
+                          THEN now() ELSE p.started_at END,
+        expires_at = CASE WHEN (p.term >> 32) + 1 < (SELECT tl FROM pos)
+                          THEN now() + make_interval(
+                              secs => (SELECT r.barrier FROM req AS r WHERE r.name = p.name))
+                          ELSE EXCLUDED.expires_at END
     WHERE p.expires_at <= now()
+       OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
        OR (p.node = EXCLUDED.node
            AND (p.name, p.term) IN (SELECT r.name, r.held FROM req AS r WHERE r.held IS NOT NULL))
-    RETURNING p.name, p.term, p.expires_at
+    RETURNING p.name, p.node, p.term, p.expires_at
 )
 SELECT r.name,
-       a.term AS won_term,
-       EXTRACT(EPOCH FROM a.expires_at - now())::float8 AS won_remaining,
+       CASE WHEN a.node <> '' THEN a.term END AS won_term,
+       CASE WHEN a.node <> '' THEN EXTRACT(EPOCH FROM a.expires_at - now())::float8 END
+           AS won_remaining,
        (a.name IS NULL
         AND r.name IN (SELECT name FROM want)
         AND r.name IN (SELECT name FROM cur)
         AND r.name NOT IN (SELECT name FROM locked)) AS busy,
-       c.node AS holder_node,
-       c.term AS holder_term,
-       EXTRACT(EPOCH FROM c.expires_at - now())::float8 AS holder_remaining
+       CASE WHEN a.node = '' THEN a.node ELSE c.node END AS holder_node,
+       CASE WHEN a.node = '' THEN a.term ELSE c.term END AS holder_term,
+       EXTRACT(EPOCH FROM CASE WHEN a.node = '' THEN a.expires_at ELSE c.expires_at END
+               - now())::float8 AS holder_remaining,
+       (SELECT tl FROM pos) AS timeline,
+       CASE WHEN a.node = '' THEN (SELECT o.term FROM cur AS o WHERE o.name = r.name) END
+           AS barrier_over
 FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
 CROSS JOIN req AS r
 LEFT JOIN attempt AS a ON a.name = r.name
@@ -297,7 +350,7 @@ ORDER BY r.name
         # $1 names: the unexpired leases among them.
         return (
             f"SELECT name, node, term, started_at, expires_at FROM {self.qualified} "
-            "WHERE name = ANY($1::text[]) AND expires_at > now()"
+            "WHERE name = ANY($1::text[]) AND expires_at > now() AND node <> ''"
         )
 
     @property
@@ -318,7 +371,7 @@ ORDER BY r.name
     def get_leader(self) -> str:
         return (
             f"SELECT name, node, term, started_at, expires_at FROM {self.qualified} "
-            "WHERE name = $1 AND expires_at > now()"
+            "WHERE name = $1 AND expires_at > now() AND node <> ''"
         )
 
     @property

@@ -22,6 +22,7 @@ import trio
 from .._config import check_identifier
 from .._core import parse_notification
 from .._exceptions import BackendUnavailable
+from .._term import BARRIER_NODE
 from ._common import (
     DSN_HELP,
     ENV_DSN,
@@ -158,11 +159,17 @@ class LeaseRow:
         assert isinstance(remaining, float)
         return cls(name, node, term, started, expires, live, remaining)
 
+    @property
+    def barrier(self) -> bool:
+        """A failover barrier: a lease nobody holds (see docs/protocol.rst, "Failover")."""
+        return self.node == BARRIER_NODE
+
     def as_json(self) -> dict[str, object]:
         return {
             "name": self.name,
-            "leader": self.node if self.live else None,
+            "leader": self.node if self.live and not self.barrier else None,
             "node": self.node,
+            "barrier": self.barrier,
             "term": self.term,
             "live": self.live,
             "started_at": self.started_at.isoformat(),
@@ -176,14 +183,17 @@ class LeaseRow:
         return f"{_format_age(self.remaining)} ago"
 
 
+_BARRIER_TEXT = "(failover barrier)"
+
+
 def format_status_table(rows: Sequence[LeaseRow]) -> list[str]:
     """Aligned text columns: name, state, node, term, started, expires."""
     header = ("NAME", "STATE", "LEADER NODE", "TERM", "STARTED (UTC)", "EXPIRES")
     body = [
         (
             r.name,
-            "live" if r.live else "expired",
-            r.node if r.live else f"({r.node})",
+            ("barrier" if r.barrier else "live") if r.live else "expired",
+            _BARRIER_TEXT if r.barrier else r.node if r.live else f"({r.node})",
             str(r.term),
             _format_time(r.started_at),
             r.expiry_text(),
@@ -253,6 +263,10 @@ def describe_change(name: str, old: _Seen | None, new: _Seen | None) -> str | No
         return None
     if new is None:
         return f"{name}: lease row removed"
+    if new.node == BARRIER_NODE:
+        if new.live:
+            return f"{name}: no leader: failover barrier, term {new.term}"
+        return f"{name}: no leader (failover barrier of term {new.term} ended)"
     if new.live:
         line = f"{name}: leader {new.node}, term {new.term}"
         if old is not None and old.live and old.term != new.term:
