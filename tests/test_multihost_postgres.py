@@ -14,6 +14,8 @@ import trio_asyncio
 
 from trio_peers import BackendMisconfigured, BackendUnavailable, migrate, open_peer
 from trio_peers._asyncpg import connect_once, fetch_position
+from trio_peers._cli._common import EXIT_OK
+from trio_peers._cli._main import main
 from trio_peers.testing import PostgresNotFound, PostgresServer, _postgres
 from trio_peers.testing._replication import (
     BlackHole,
@@ -382,3 +384,30 @@ async def test_peer_on_a_single_host_standby_is_a_follower_that_names_it(
         assert len(warnings) == 1 and "hot standby" in warnings[0], warnings
     finally:
         await trio.to_thread.run_sync(pair.primary.drop_database, database)
+
+
+def test_status_says_when_the_server_is_read_only(
+    pair: ReplicatedPair, read_only_server: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``trio-peers status`` on a hot standby, or on a server whose sessions start read-only,
+    shows the leases and says (on stderr, naming the setting) that peers there follow."""
+    database = pair.primary.create_database().rpartition("/")[2]
+    try:
+        trio.run(migrate, multihost(pair.primary.port, database=database))
+        pair.wait_replayed()
+        standby = multihost(pair.standby.port, database=database)
+        assert main(["status", "--dsn", standby]) == EXIT_OK
+        out, err = capsys.readouterr()
+        assert "no leader" in out
+        assert "read-only: it is in recovery" in err and "pg_is_in_recovery()" in err, err
+        primary = multihost(pair.primary.port, database=database)
+        assert main(["status", "--dsn", primary]) == EXIT_OK
+        assert "read-only" not in capsys.readouterr().err
+    finally:
+        pair.primary.drop_database(database)
+    # A writable primary whose sessions start read-only (the table made in a session that
+    # turned the setting off).
+    ro = multihost(read_only_server.port)
+    trio.run(migrate, ro + "?default_transaction_read_only=off")
+    assert main(["status", "--dsn", ro]) == EXIT_OK
+    assert "read-only: default_transaction_read_only is on" in capsys.readouterr().err

@@ -1013,9 +1013,9 @@ async def fetch_position(dsn: str, *, connect_timeout: float = 10.0) -> ServerPo
 
 async def fetch_status(
     dsn: str, *, prefix: str = "public", table: str = "trio_peers", connect_timeout: float = 10.0
-) -> tuple[list[Mapping[str, object]], bool]:
+) -> tuple[list[Mapping[str, object]], bool, ServerPosition]:
     """Trio-flavoured: every row of a lease table with database-clock ``remaining`` seconds,
-    and whether the table is UNLOGGED."""
+    whether the table is UNLOGGED, and the server's position (read-only or not, why)."""
     check_identifier("prefix", prefix)
     check_identifier("table", table)
     sql = Statements(prefix, table)
@@ -1023,7 +1023,8 @@ async def fetch_status(
         with _mapped():
             unlogged: bool = await _aio(_aio_check_table)(conn, sql, connect_timeout)
             rows: list[Record] = await _aio(conn.fetch)(sql.status, timeout=connect_timeout)
-    return [dict(r.items()) for r in rows], unlogged
+            position = await _aio(_aio_fetch_position)(conn, connect_timeout)
+    return [dict(r.items()) for r in rows], unlogged, position
 
 
 @asynccontextmanager

@@ -218,13 +218,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     timeout: float = args.connect_timeout
     fetched: list[Mapping[str, object]] = []
     unlogged: list[bool] = []
+    read_only: list[str | None] = []
 
     async def run() -> None:
-        rows, is_unlogged = await fetch_status(
+        rows, is_unlogged, position = await fetch_status(
             dsn, prefix=prefix, table=table, connect_timeout=timeout
         )
         fetched.extend(rows)
         unlogged.append(is_unlogged)
+        read_only.append(position.read_only_reason)
 
     run_trio(run)
     rows = [LeaseRow.from_mapping(r) for r in fetched]
@@ -239,6 +241,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         for line in format_status_table(rows):
             _out(line)
         _out("(times from the database clock; an expired lease means no leader)")
+    if read_only and read_only[0] is not None:
+        # On stderr, so that --json output stays machine-readable.
+        _out(
+            f"note: this server is read-only: {read_only[0]}. Peers connected to it are "
+            "followers and keep retrying (a failover may make it writable); the leases "
+            "shown are as far as it has replayed",
+            stream=sys.stderr,
+        )
     if unlogged and unlogged[0]:
         from .._sql import Statements, unlogged_warning
 
