@@ -267,7 +267,9 @@ async def failover_with_peers(
 
     assert not two_leaders, f"two trusted leaders at once: {two_leaders[:5]}"
     if session:  # "c" elected its names in batches (elect_many), not one by one
-        assert c_batches == [len(names)]
+        # (At least two names in one statement: how many of the three entering names the
+        # first batch catches depends on the scheduler; a loaded CI host once had 2 + 1.)
+        assert c_batches and c_batches[0] >= 2, c_batches
     bound = CONNECT_TIMEOUT + BACKOFF_CAP * INTERVAL + PEER_BARRIER + INTERVAL + 0.5
     for name in names:
         old = [(t, term) for t, _, term in held[name] if term_timeline(term) == 1]
