@@ -21,6 +21,35 @@ EXPECTED_COLUMNS: Final = {
 MIGRATE_LOCK_KEY: Final = 0x7472696F70656572  # b"triopeer"
 
 
+#: The server's timeline ``tl`` (trio_peers/_term.py), for the election statements: the
+#: first 8 hex digits of the current WAL file's name; NULL on a standby (where a write fails
+#: as read-only anyway).
+_POSITION_CTE: Final = """pos AS (
+    SELECT CASE WHEN NOT pg_is_in_recovery() THEN
+        ('x' || lpad(left(pg_walfile_name(pg_current_wal_lsn()), 8), 16, '0'))::bit(64)::bigint
+    END AS tl
+)"""
+
+#: elect_many's barrier length for the conflicting row (looked up only for a new barrier).
+_BARRIER_OF_ROW: Final = """make_interval(
+                              secs => (SELECT r.barrier FROM req AS r WHERE r.name = p.name))"""
+
+
+def _take_or_barrier(barrier: str) -> str:
+    """The upsert's ``SET`` list shared by the election statements: a row written on an older
+    timeline becomes a failover barrier (node '', the next term, ``barrier`` long); an
+    expired lease is taken with the next term; else the tenure is renewed."""
+    return f"""        node = CASE WHEN (p.term >> 32) + 1 < (SELECT tl FROM pos) THEN ''
+                    ELSE EXCLUDED.node END,
+        term = CASE WHEN p.expires_at <= now() OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
+                    THEN greatest(p.term + 1, EXCLUDED.term) ELSE p.term END,
+        started_at = CASE WHEN p.expires_at <= now()
+                            OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
+                          THEN now() ELSE p.started_at END,
+        expires_at = CASE WHEN (p.term >> 32) + 1 < (SELECT tl FROM pos)
+                          THEN now() + {barrier} ELSE EXCLUDED.expires_at END"""
+
+
 def quote_ident(ident: str) -> str:
     """Quote a validated identifier for SQL."""
     check_identifier("identifier", ident)
@@ -86,11 +115,7 @@ class Statements:
         # crash could hand the same term out twice.
         t = self.qualified
         return f"""
-WITH pos AS (
-    SELECT CASE WHEN NOT pg_is_in_recovery() THEN
-        ('x' || lpad(left(pg_walfile_name(pg_current_wal_lsn()), 8), 16, '0'))::bit(64)::bigint
-    END AS tl
-),
+WITH {_POSITION_CTE},
 cur AS (
     SELECT node, term, expires_at FROM {t} WHERE name = $1
 ),
@@ -112,15 +137,7 @@ attempt AS (
     WHERE (SELECT write FROM may)
       AND (EXISTS (SELECT FROM locked) OR NOT EXISTS (SELECT FROM cur))
     ON CONFLICT (name) DO UPDATE SET
-        node = CASE WHEN (p.term >> 32) + 1 < (SELECT tl FROM pos) THEN ''
-                    ELSE EXCLUDED.node END,
-        term = CASE WHEN p.expires_at <= now() OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
-                    THEN greatest(p.term + 1, EXCLUDED.term) ELSE p.term END,
-        started_at = CASE WHEN p.expires_at <= now()
-                            OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
-                          THEN now() ELSE p.started_at END,
-        expires_at = CASE WHEN (p.term >> 32) + 1 < (SELECT tl FROM pos)
-                          THEN now() + $5::interval ELSE EXCLUDED.expires_at END
+{_take_or_barrier("$5::interval")}
     WHERE p.expires_at <= now() OR (p.node = $2 AND p.term = $4::bigint)
        OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
     RETURNING p.node, p.term, p.expires_at
@@ -164,11 +181,7 @@ LEFT JOIN cur AS h ON a.term IS NULL AND h.expires_at > now()
         # length is looked up per name only for a row that becomes a barrier.
         t = self.qualified
         return f"""
-WITH pos AS (
-    SELECT CASE WHEN NOT pg_is_in_recovery() THEN
-        ('x' || lpad(left(pg_walfile_name(pg_current_wal_lsn()), 8), 16, '0'))::bit(64)::bigint
-    END AS tl
-),
+WITH {_POSITION_CTE},
 req AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::float8[], $4::bigint[], $5::float8[])
         AS r(name, node, lease, held, barrier)
@@ -194,17 +207,7 @@ attempt AS (
     WHERE w.name IN (SELECT name FROM locked) OR w.name NOT IN (SELECT name FROM cur)
     ORDER BY w.name
     ON CONFLICT (name) DO UPDATE SET
-        node = CASE WHEN (p.term >> 32) + 1 < (SELECT tl FROM pos) THEN ''
-                    ELSE EXCLUDED.node END,
-        term = CASE WHEN p.expires_at <= now() OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
-                    THEN greatest(p.term + 1, EXCLUDED.term) ELSE p.term END,
-        started_at = CASE WHEN p.expires_at <= now()
-                            OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
-                          THEN now() ELSE p.started_at END,
-        expires_at = CASE WHEN (p.term >> 32) + 1 < (SELECT tl FROM pos)
-                          THEN now() + make_interval(
-                              secs => (SELECT r.barrier FROM req AS r WHERE r.name = p.name))
-                          ELSE EXCLUDED.expires_at END
+{_take_or_barrier(_BARRIER_OF_ROW)}
     WHERE p.expires_at <= now()
        OR (p.term >> 32) + 1 < (SELECT tl FROM pos)
        OR (p.node = EXCLUDED.node
