@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import pytest
 import trio
 import trio_asyncio
 
 from trio_peers import LeadershipChange, Peer, PeerConfig, open_peer
+from trio_peers.testing import PostgresNotFound
+from trio_peers.testing._replication import ReplicatedPair
 
 
 def peer_config(dsn: str, node: str, **kw: object) -> PeerConfig:
@@ -205,3 +209,13 @@ class Proxy:
             pass
         finally:
             scope.cancel()
+
+
+def start_pair(*, synchronous: bool = False) -> ReplicatedPair:
+    """A primary with one streaming standby; skipped (not in CI) where no binaries exist."""
+    try:
+        return ReplicatedPair.start(synchronous=synchronous)
+    except PostgresNotFound as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))

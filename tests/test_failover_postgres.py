@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -18,10 +17,9 @@ from trio_peers import Peer, migrate, open_peer, open_session
 from trio_peers._core import BACKOFF_CAP, drift_bound
 from trio_peers._sql import Statements
 from trio_peers._term import BARRIER_NODE, first_term, term_timeline
-from trio_peers.testing import PostgresNotFound
 from trio_peers.testing._replication import ReplicatedPair, timeline
 
-from ._pgutil import SQL, open_sql, peer_config, wait_for
+from ._pgutil import SQL, open_sql, peer_config, start_pair, wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -29,15 +27,6 @@ STATEMENTS = Statements("public", "trio_peers")
 BARRIER = 0.5  # seconds: the barrier length passed to the statements directly
 TL2 = first_term(2)  # the first term of timeline 2
 _SECOND = datetime.timedelta(seconds=1)
-
-
-def start_pair(*, synchronous: bool = False) -> ReplicatedPair:
-    try:
-        return ReplicatedPair.start(synchronous=synchronous)
-    except PostgresNotFound as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
 
 
 @pytest.fixture

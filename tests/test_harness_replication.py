@@ -16,7 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from trio_peers.testing import PostgresNotFound, PostgresServer, _postgres
+from trio_peers.testing import PostgresServer, _postgres
 from trio_peers.testing._postgres import PostgresServerError, _children_of, _process_state
 from trio_peers.testing._replication import (
     BlackHole,
@@ -26,16 +26,9 @@ from trio_peers.testing._replication import (
     wait_until,
 )
 
+from ._pgutil import start_pair
+
 pytestmark = pytest.mark.postgres
-
-
-def start_pair(*, synchronous: bool = False) -> ReplicatedPair:
-    try:
-        return ReplicatedPair.start(synchronous=synchronous)
-    except PostgresNotFound as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
