@@ -161,14 +161,20 @@ class Proxy:
 
     While partitioned, it keeps every connection open but forwards nothing (no FIN,
     no RST), like a dropped link: only timeouts can detect it.
+
+    With ``hold_server_close``, a connection the server closes stays open towards the
+    client until the client closes it (the server's goodbye never arrives). ``client_tail``
+    keeps the last bytes any client sent.
     """
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, *, hold_server_close: bool = False) -> None:
         self.target_port = target_port
         self.port = 0
         self._flowing = trio.Event()
         self._flowing.set()
         self.partitioned = False
+        self.hold_server_close = hold_server_close
+        self.client_tail = b""
 
     def partition(self) -> None:
         self.partitioned = True
@@ -192,23 +198,30 @@ class Proxy:
             await client.aclose()
             return
         async with client, server, trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, client, server, nursery.cancel_scope)
-            nursery.start_soon(self._pump, server, client, nursery.cancel_scope)
+            nursery.start_soon(self._pump, client, server, nursery.cancel_scope, True)
+            nursery.start_soon(self._pump, server, client, nursery.cancel_scope, False)
 
     async def _pump(
-        self, src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope
+        self,
+        src: trio.SocketStream,
+        dst: trio.SocketStream,
+        scope: trio.CancelScope,
+        from_client: bool,
     ) -> None:
         try:
             while True:
                 data = await src.receive_some(65536)
                 if not data:
                     break
+                if from_client:
+                    self.client_tail = (self.client_tail + data)[-64:]
                 await self._flowing.wait()
                 await dst.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            scope.cancel()
+            if from_client or not self.hold_server_close:
+                scope.cancel()
 
 
 def start_pair(*, synchronous: bool = False) -> ReplicatedPair:

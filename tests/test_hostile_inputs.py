@@ -11,10 +11,9 @@ the lease table) and asserts what users rely on:
 * no log flood: a bounded number of records;
 * no lost or regressed term where the database kept the row.
 
-Not here yet: a DSN pointing at a hot standby. The harness servers run with
-``wal_level=minimal`` and ``max_wal_senders=0``, so ``pg_basebackup`` cannot
-copy them; standby support for :mod:`trio_peers.testing` is being added
-separately. The statement that fails there is the one that fails under
+A DSN pointing at a hot standby is tested on a real streaming replica in
+``test_multihost_postgres.py`` (``test_peer_on_a_single_host_standby_is_a_follower_that_names_it``);
+the statement that fails there is the one that fails under
 ``default_transaction_read_only``, tested below.
 """
 

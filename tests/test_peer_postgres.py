@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+from contextlib import AsyncExitStack
 
 import asyncpg
 import pytest
@@ -22,6 +23,7 @@ from trio_peers import (
     SchemaError,
     migrate,
     open_peer,
+    open_session,
 )
 from trio_peers._asyncpg import _mapped
 from trio_peers.testing import PostgresServer
@@ -492,6 +494,40 @@ async def test_silent_partition_times_out_steps_down_and_recovers(
             proxy.heal()
             with trio.fail_after(INTERVAL * 4):
                 await a.wait_leader()
+        nursery.cancel_scope.cancel()
+
+
+TERMINATE = b"X\x00\x00\x00\x04"  # the protocol's Terminate message
+
+
+@pytest.mark.parametrize("form", ["open_peer", "session"])
+async def test_exit_sends_terminate_and_does_not_wait_for_the_server_to_hang_up(
+    dsn: str, pg: PostgresServer, form: str
+) -> None:
+    """A peer's exit ends its connection as libpq does: Terminate, then the socket is
+    dropped. It never waits for the server's own close: asyncpg's ``close()`` did, which
+    cost 2-3 ms of every exit (the server process's exit), and here, where the proxy
+    holds the server's close back, it would wait out the whole ``cleanup_timeout``."""
+    proxy = Proxy(pg.port, hold_server_close=True)
+    async with open_sql(dsn) as sql, trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        proxied = dsn.replace(f":{pg.port}/", f":{proxy.port}/")
+        async with AsyncExitStack() as stack:
+            if form == "session":
+                session = await stack.enter_async_context(
+                    open_session(proxied, cleanup_timeout=5.0)
+                )
+                peer = await stack.enter_async_context(session.open_peer(name="hang-up"))
+            else:
+                config = cfg(proxied, "a", name="hang-up", cleanup_timeout=5.0)
+                peer = await stack.enter_async_context(open_peer(config))
+            assert peer.is_leader
+            started = trio.current_time()
+        assert trio.current_time() - started < 2.0  # not the 5 s cleanup_timeout
+        assert proxy.client_tail.endswith(TERMINATE)
+        assert not (await sql.row("hang-up"))["live"]  # released first
+        # The server ended the session on the Terminate: its backend goes away.
+        await wait_for(lambda: _no_peer_connections(sql), limit=5)
         nursery.cancel_scope.cancel()
 
 
