@@ -6,14 +6,16 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from trio_peers import Peer, PeerSession, open_peer, open_session
+from trio_peers import LeadershipLost, Peer, PeerSession, open_peer, open_session
 from trio_peers._core import ElectionCore, aligned_wake
 from trio_peers.testing import MemoryBackend
+from trio_peers.testing._memory import _MemorySessionConnection
 
 from ._pgutil import wait_for
 
@@ -485,3 +487,42 @@ async def test_steady_rounds_leave_no_objects_behind(
                 if id(o) not in before and type(o).__module__.startswith("trio_peers")
             ]
             assert len(ours) < len(names) // 4, sorted({type(o).__qualname__ for o in ours})
+
+
+async def test_leaving_sends_the_release_before_publishing_the_losses(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session's names leave with trust ended first (every ``is_leader`` is False when the
+    release statement is sent), and their losses are published after it is sent: at 1,000
+    names publishing, and the ``leadership()`` readers it wakes, took ~15 ms that used to
+    come before the release, and so before any other process could take a name over."""
+    backend = MemoryBackend()
+    lost: list[str] = []
+    at_release: list[tuple[int, bool]] = []
+    peers: dict[str, Peer] = {}
+    release = _MemorySessionConnection.release
+
+    async def spy(self: _MemorySessionConnection, *args: Any, **kwargs: Any) -> Any:
+        at_release.append((len(lost), any(peer.is_leader for peer in peers.values())))
+        return await release(self, *args, **kwargs)
+
+    monkeypatch.setattr(_MemorySessionConnection, "release", spy)
+
+    def hook(event: object) -> None:
+        if isinstance(event, LeadershipLost):
+            lost.append(event.name)
+
+    async def read(peer: Peer) -> None:
+        async for _ in peer.leadership():
+            pass
+
+    async with trio.open_nursery() as readers:
+        async with open_session("memory://", backend=backend, node="a", on_event=hook) as s:
+            async with s.open_peers(NAMES, interval=INTERVAL) as opened:
+                peers.update(opened)
+                for peer in peers.values():
+                    readers.start_soon(read, peer)
+                assert all(peer.is_leader for peer in peers.values())
+    assert at_release == [(0, False)]  # one statement; no loss published yet, none leads
+    assert sorted(lost) == sorted(NAMES)  # then every loss, once
+    assert all(row is None for row in (backend.leader(name) for name in NAMES))

@@ -1160,9 +1160,10 @@ class Peer(metaclass=NoPublicConstructor):
     def _close_for_release(self) -> int | None:
         """The sync first half of a stop, for a session that releases many names in one
         statement: if no round is in flight, no leader-only work runs and no resign is
-        under way, end the tenure here (published at once) and return the term for the
-        caller to release, then publish (:meth:`_publish`). ``None``: nothing to release now
-        (the peer's own stop does what is left, as usual)."""
+        under way, end the tenure here (``is_leader`` is False at once) and return the term
+        for the caller to release; the caller publishes (:meth:`_publish`) once the release
+        is on its way. ``None``: nothing to release now (the peer's own stop does what is
+        left, as usual)."""
         if self._stop_started or self._closing or self._core.closed:
             return None
         if self._core.round_started_at is not None or self._work.scopes:
@@ -1170,7 +1171,7 @@ class Peer(metaclass=NoPublicConstructor):
         if self._core.resigning or self._core.held_term is None:
             return None
         # No new rounds (the loop idles until the stop cancels it), no new leader-only work;
-        # is_leader is False from here on. The caller publishes once its release is queued.
+        # is_leader is False from here on. The caller publishes once its release is sent.
         self._closing = True
         return self._core.close()
 
