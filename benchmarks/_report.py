@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 TP, OBAN = "trio-peers", "oban-py"
+TPS = "trio-peers-session"  # session.open_peer on a session that stays open
 
 
 NOTES = (
@@ -17,7 +18,10 @@ NOTES = (
     "the host). Graceful handover: from the leader's 'starts leaving' to the first other process "
     "reporting leadership. Leaving time: from 'starts leaving' to the exit returning "
     "(trio-peers: `async with open_peer` exited, its connection closed; oban-py: `Oban.stop()` "
-    "returned, the application's pool still open).",
+    "returned, the application's pool still open). The session.open_peer rows are trio-peers "
+    "with the same like-for-like shape as oban-py: each process keeps one session open, and "
+    "joins and leaves with a `session.open_peer` block on it (leaving releases the name; the "
+    "connection stays).",
     "oban-py's leader interval cannot be set through its public API (`Oban(...)` passes only "
     "`enabled` to its leader, which then uses 30 s), so crash handover at interval 1 s is "
     "measured for trio-peers only; both libraries are measured at their defaults (30 s).",
@@ -98,6 +102,22 @@ def main_rows(results: dict[str, Any]) -> list[Row]:
                 stat(f"leave/{TP}/{peers}", q),
                 stat(f"leave/{OBAN}/{peers}", q),
             )
+        g_tps = f"graceful/{TPS}/{peers}"
+        if stat(g_tps, "n"):
+            for q in ("p50", "p95"):
+                add(
+                    f"graceful handover, session.open_peer, {peers} processes, {q} "
+                    f"(n={stat(g_tps, 'n'):.0f})",
+                    stat(g_tps, q),
+                    stat(g_ob, q),
+                    floor=stat(f"floor/{peers}", q) or stat("floor", q),
+                )
+            for q in ("p50", "p95"):
+                add(
+                    f"leaving time, session.open_peer, {peers} processes, {q}",
+                    stat(f"leave/{TPS}/{peers}", q),
+                    stat(f"leave/{OBAN}/{peers}", q),
+                )
     c1 = f"crash/{TP}/1s"
     if stat(c1, "n"):
         for q in ("p50", "p95", "max"):
@@ -344,7 +364,7 @@ def plots(folder: Path) -> list[Path]:
     if graceful:
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
         styles = {2: ":", 3: "-", 5: "--"}
-        colors = {TP: "tab:blue", OBAN: "tab:orange"}
+        colors = {TP: "tab:blue", TPS: "tab:green", OBAN: "tab:orange"}
         top = max(max(v) for v in graceful.values()) * 1.5
         for (lib, peers), values in sorted(graceful.items()):
             v = sorted(values)

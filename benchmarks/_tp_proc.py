@@ -7,6 +7,10 @@ lines with ``time.monotonic()`` stamps (CLOCK_MONOTONIC, system-wide on Linux):
 ``joined`` (entry returned), ``gained`` / ``lost`` (leadership changes), ``leaving``
 (the moment it starts to leave) and ``left`` (the ``async with`` has exited).
 
+With ``--session`` the process opens one session at start and each ``join`` is a
+``session.open_peer`` block on it: leaving then releases the name but keeps the
+connection, as oban-py's ``Oban.stop()`` keeps the application's pool.
+
 With ``--trace`` the default backend is wrapped (through the public
 ``PeerBackend`` protocol) so that each election, release and close is reported as
 ``elect`` / ``release`` / ``close`` with its start and end stamps: the herd uses it
@@ -20,7 +24,7 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import trio
@@ -31,9 +35,12 @@ from trio_peers import (
     BackendConnector,
     ElectionOutcome,
     LeaderInfo,
+    Peer,
     PeerBackend,
     PeerConfig,
+    PeerSession,
     open_peer,
+    open_session,
 )
 
 
@@ -123,30 +130,40 @@ async def main(args: argparse.Namespace) -> None:
     backend: PeerBackend | None = TracedBackend() if args.trace else None
     lines = trio.wrap_file(sys.stdin)
     leave = trio.Event()
-    emit("ready")
-    async with trio.open_nursery() as nursery:
-        while True:
-            command = (await lines.readline()).strip()
-            if command == "join":
-                leave = trio.Event()
-                await nursery.start(run_peer, config, backend, leave)
-            elif command == "leave":
-                emit("leaving")
-                leave.set()
-            elif command in ("quit", ""):
-                leave.set()
-                return
+    async with AsyncExitStack() as stack:
+        session = None
+        if args.session:
+            session = await stack.enter_async_context(open_session(args.dsn, node=args.node))
+        emit("ready")
+        async with trio.open_nursery() as nursery:
+            while True:
+                command = (await lines.readline()).strip()
+                if command == "join":
+                    leave = trio.Event()
+                    await nursery.start(run_peer, config, backend, session, leave)
+                elif command == "leave":
+                    emit("leaving")
+                    leave.set()
+                elif command in ("quit", ""):
+                    leave.set()
+                    return
 
 
 async def run_peer(
     config: PeerConfig,
     backend: PeerBackend | None,
+    session: PeerSession | None,
     leave: trio.Event,
     *,
     task_status: trio.TaskStatus[None],
 ) -> None:
+    cm: AbstractAsyncContextManager[Peer]
+    if session is None:
+        cm = open_peer(config, backend=backend)
+    else:
+        cm = session.open_peer(name=config.name, interval=config.interval)
     async with trio.open_nursery() as nursery:
-        async with open_peer(config, backend=backend) as peer:
+        async with cm as peer:
             nursery.start_soon(watch, peer)
             emit("joined", leader=peer.is_leader)
             task_status.started()
@@ -162,4 +179,9 @@ if __name__ == "__main__":
     parser.add_argument("interval", type=float, help="0: the library's default")
     parser.add_argument("--name", default="bench")
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument(
+        "--session",
+        action="store_true",
+        help="join and leave with session.open_peer on one session that stays open",
+    )
     trio.run(main, parser.parse_args())

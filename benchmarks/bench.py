@@ -51,6 +51,9 @@ from benchmarks._common import (
 )
 
 TP, OBAN = "trio-peers", "oban-py"
+#: trio-peers' graceful handover with session.open_peer on a session that stays open (the
+#: connection outlives the name, as oban-py's pool outlives Oban.stop()).
+TPS = "trio-peers-session"
 MAX_CONNECTIONS = 800
 
 MODES: dict[str, dict[str, Any]] = {
@@ -193,7 +196,7 @@ class Bench:
     def spawn(
         self, lib: str, node: str, *, interval: float = 0.0, trace: bool = False
     ) -> PeerProcess:
-        if lib == TP:
+        if lib in (TP, TPS):
             argv = [
                 self.args.tp_python,
                 str(BENCH / "_tp_proc.py"),
@@ -203,19 +206,21 @@ class Bench:
             ]
             if trace:
                 argv.append("--trace")
+            if lib == TPS:
+                argv.append("--session")
         else:
             argv = [self.args.oban_python, str(BENCH / "_oban_proc.py"), self.oban_dsn, node]
         return PeerProcess(argv)
 
     def reset(self, lib: str) -> None:
         """Start a phase from an empty lease table (no lease left by an earlier phase)."""
-        if lib == TP:
+        if lib in (TP, TPS):
             self.server.execute("DELETE FROM trio_peers", database="bench_tp")
         else:
             self.server.execute("DELETE FROM oban_leaders", database="bench_oban")
 
     def join_as_leader(self, lib: str, proc: PeerProcess, timeout: float = 60.0) -> None:
-        joined = proc.until("joined", timeout=timeout) if lib == TP else None
+        joined = proc.until("joined", timeout=timeout) if lib in (TP, TPS) else None
         if lib == OBAN:
             proc.until("gained", timeout=timeout)
         elif joined is not None and not joined["leader"]:
@@ -569,7 +574,7 @@ class Bench:
             *(
                 ("graceful", lambda lib=lib, n=n: self.graceful(lib, n))
                 for n in m["peers"]
-                for lib in libs
+                for lib in [TP, TPS, *libs[1:]]
             ),
             ("crash", self.crash_1s),
             *(("herd", lambda lib=lib: self.herd(lib, m["herd"])) for lib in libs),

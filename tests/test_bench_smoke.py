@@ -73,11 +73,14 @@ def test_bench_smoke_writes_complete_sane_results(tmp_path: Path) -> None:
 
     results = json.loads((out / "results.json").read_text())
     assert results["graceful/trio-peers/3"]["n"] == 3
+    assert results["graceful/trio-peers-session/3"]["n"] == 3  # session.open_peer, too
+    assert {s["lib"] for s in graceful} == {"trio-peers", "trio-peers-session"}
     meta = json.loads((out / "meta.json").read_text())
     assert meta["machine"]["cores"] == os.cpu_count()
     assert "max_connections" in meta["postgresql"]
     table = (out / "table.md").read_text()
     assert "graceful handover, 3 processes, p50" in table
+    assert "leaving time, session.open_peer, 3 processes, p50" in table
     assert "Many names in one process" in table
 
 
