@@ -8,17 +8,18 @@ JSON lines with ``time.monotonic()`` stamps (system-wide on Linux):
 
 from __future__ import annotations
 
-import json
 import sys
-import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # For benchmarks._peer_side; appended, so that the trio_peers on PYTHONPATH or
+    # installed (a variant, or the benchmark's venv) is the one imported.
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import trio
 
+from benchmarks._peer_side import emit, serve_commands
 from trio_peers import PeerConfig, open_peer
-
-
-def emit(event: str, **fields: object) -> None:
-    print(json.dumps({"event": event, "t": time.monotonic(), **fields}), flush=True)
 
 
 async def watch(peer: object) -> None:
@@ -28,20 +29,7 @@ async def watch(peer: object) -> None:
 
 async def main(dsn: str, node: str, interval: float) -> None:
     config = PeerConfig(dsn=dsn, node=node, interval=interval)
-    lines = trio.wrap_file(sys.stdin)
-    leave = trio.Event()
-    async with trio.open_nursery() as nursery:
-        while True:
-            command = (await lines.readline()).strip()
-            if command == "join":
-                leave = trio.Event()
-                await nursery.start(run_peer, config, leave)
-            elif command == "leave":
-                emit("leaving")
-                leave.set()
-            elif command in ("quit", ""):
-                leave.set()
-                return
+    await serve_commands(lambda nursery, leave: nursery.start(run_peer, config, leave))
 
 
 async def run_peer(

@@ -84,40 +84,32 @@ def main_rows(results: dict[str, Any]) -> list[Row]:
             )
         )
 
-    for peers in (2, 3, 5):
-        g_tp, g_ob = f"graceful/{TP}/{peers}", f"graceful/{OBAN}/{peers}"
-        n = max(stat(g_tp, "n") or 0, stat(g_ob, "n") or 0)
-        if not n:
-            continue
-        for q in ("min", "p50", "p95", "max"):
+    def handover_rows(lib: str, form: str, peers: int, n: float, quantiles: Sequence[str]) -> None:
+        """Graceful handover and leaving time of ``lib`` (a trio-peers form) against oban-py."""
+        for q in quantiles:
             add(
-                f"graceful handover, {peers} processes, {q} (n={n:.0f})",
-                stat(g_tp, q),
-                stat(g_ob, q),
+                f"graceful handover, {form}{peers} processes, {q} (n={n:.0f})",
+                stat(f"graceful/{lib}/{peers}", q),
+                stat(f"graceful/{OBAN}/{peers}", q),
                 floor=stat(f"floor/{peers}", q) or stat("floor", q),
             )
         for q in ("p50", "p95"):
             add(
-                f"leaving time, {peers} processes, {q}",
-                stat(f"leave/{TP}/{peers}", q),
+                f"leaving time, {form}{peers} processes, {q}",
+                stat(f"leave/{lib}/{peers}", q),
                 stat(f"leave/{OBAN}/{peers}", q),
             )
-        g_tps = f"graceful/{TPS}/{peers}"
-        if stat(g_tps, "n"):
-            for q in ("p50", "p95"):
-                add(
-                    f"graceful handover, session.open_peer, {peers} processes, {q} "
-                    f"(n={stat(g_tps, 'n'):.0f})",
-                    stat(g_tps, q),
-                    stat(g_ob, q),
-                    floor=stat(f"floor/{peers}", q) or stat("floor", q),
-                )
-            for q in ("p50", "p95"):
-                add(
-                    f"leaving time, session.open_peer, {peers} processes, {q}",
-                    stat(f"leave/{TPS}/{peers}", q),
-                    stat(f"leave/{OBAN}/{peers}", q),
-                )
+
+    for peers in (2, 3, 5):
+        n = max(
+            stat(f"graceful/{TP}/{peers}", "n") or 0, stat(f"graceful/{OBAN}/{peers}", "n") or 0
+        )
+        if not n:
+            continue
+        handover_rows(TP, "", peers, n, ("min", "p50", "p95", "max"))
+        n_session = stat(f"graceful/{TPS}/{peers}", "n")
+        if n_session:
+            handover_rows(TPS, "session.open_peer, ", peers, n_session, ("p50", "p95"))
     c1 = f"crash/{TP}/1s"
     if stat(c1, "n"):
         for q in ("p50", "p95", "max"):

@@ -20,15 +20,21 @@ to see when each follower's reaction has finished, the profile to split the exit
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):
+    # For benchmarks._peer_side; appended, so that the trio_peers on PYTHONPATH or
+    # installed (a variant, or the benchmark's venv) is the one imported.
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import trio
 
+from benchmarks._peer_side import emit, serve_commands
 from trio_peers import (
     AsyncpgBackend,
     BackendConnection,
@@ -42,10 +48,6 @@ from trio_peers import (
     open_peer,
     open_session,
 )
-
-
-def emit(event: str, **fields: object) -> None:
-    print(json.dumps({"event": event, "t": time.monotonic(), **fields}), flush=True)
 
 
 class _TracedConnection:
@@ -128,25 +130,14 @@ async def main(args: argparse.Namespace) -> None:
         kwargs["interval"] = args.interval
     config = PeerConfig(**kwargs)
     backend: PeerBackend | None = TracedBackend() if args.trace else None
-    lines = trio.wrap_file(sys.stdin)
-    leave = trio.Event()
     async with AsyncExitStack() as stack:
         session = None
         if args.session:
             session = await stack.enter_async_context(open_session(args.dsn, node=args.node))
         emit("ready")
-        async with trio.open_nursery() as nursery:
-            while True:
-                command = (await lines.readline()).strip()
-                if command == "join":
-                    leave = trio.Event()
-                    await nursery.start(run_peer, config, backend, session, leave)
-                elif command == "leave":
-                    emit("leaving")
-                    leave.set()
-                elif command in ("quit", ""):
-                    leave.set()
-                    return
+        await serve_commands(
+            lambda nursery, leave: nursery.start(run_peer, config, backend, session, leave)
+        )
 
 
 async def run_peer(

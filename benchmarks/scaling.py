@@ -42,10 +42,6 @@ TABLE = "trio_peers"
 # --------------------------------------------------------------------------- peer side
 
 
-def emit(event: str, **fields: object) -> None:
-    print(json.dumps({"event": event, "t": time.monotonic(), **fields}), flush=True)
-
-
 def sessions_available() -> bool:
     import trio_peers
 
@@ -56,8 +52,8 @@ async def peer_main(dsn: str, interval: float, names: int, use_sessions: bool) -
     import trio
 
     import trio_peers
+    from benchmarks._peer_side import emit, serve_commands
 
-    lines = trio.wrap_file(sys.stdin)
     emit("ready", sessions=use_sessions)
     leading: set[str] = set()
     all_names = [f"n{i:05d}" for i in range(names)]
@@ -119,20 +115,9 @@ async def peer_main(dsn: str, interval: float, names: int, use_sessions: bool) -
         emit("left")
         emit("counted", failed_rounds=sum(failed))
 
-    async with trio.open_nursery() as nursery:
-        leave = trio.Event()
-        while True:
-            command = (await lines.readline()).strip()
-            if command == "join":
-                emit("joining")
-                leave = trio.Event()
-                await nursery.start(run_all, leave)
-            elif command == "leave":
-                emit("leaving")
-                leave.set()
-            elif command in ("quit", ""):
-                leave.set()
-                return
+    await serve_commands(
+        lambda nursery, leave: nursery.start(run_all, leave), on_join=lambda: emit("joining")
+    )
 
 
 # --------------------------------------------------------------------------- orchestrator
