@@ -108,9 +108,15 @@ class Conn:
         assert all(o.term is not None for o in outcomes), outcomes
 
     async def release(
-        self, requests: Sequence[ReleaseRequest], sender: str, table: LeaseTable = DEFAULT
+        self,
+        requests: Sequence[ReleaseRequest],
+        sender: str,
+        table: LeaseTable = DEFAULT,
+        on_sent: Callable[[], None] | None = None,
     ) -> list[ReleaseOutcome]:
-        return await self.c.release(table, requests, sender=sender, statement_timeout=WAIT)
+        return await self.c.release(
+            table, requests, sender=sender, statement_timeout=WAIT, on_sent=on_sent
+        )
 
     async def get_leaders(
         self, names: Sequence[str], table: LeaseTable = DEFAULT

@@ -251,6 +251,23 @@ async def test_release_of_one_name_sends_the_single_name_payload(spec: StoreSpec
 
 
 @pytest.mark.parametrize("count", [1, 4])
+async def test_a_release_reports_once_that_its_statement_has_left_before_it_returns(
+    spec: StoreSpec, count: int
+) -> None:
+    """``on_sent``: what a session waits for before publishing the losses of its names."""
+    names = [f"n{i}" for i in range(count)]
+    async with spec.open() as store:
+        a = await store.connect()
+        await a.take(names, "a")
+        sent: list[str] = []
+        outcomes = await a.release(
+            [rel(n, "a", 1) for n in names], sender="sess-a", on_sent=lambda: sent.append("sent")
+        )
+        assert outcomes == [RELEASED] * count
+        assert sent == ["sent"]
+
+
+@pytest.mark.parametrize("count", [1, 4])
 async def test_a_release_of_nothing_sends_no_notification(spec: StoreSpec, count: int) -> None:
     names = [f"n{i}" for i in range(count)]
     async with spec.open() as store:

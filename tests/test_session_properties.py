@@ -188,10 +188,11 @@ class _CutConnection:
         *,
         sender: str,
         statement_timeout: float,
+        on_sent: Callable[[], None] | None = None,
     ) -> list[ReleaseOutcome]:
         await self._gate(statement_timeout)
         outcomes = await self.inner.release(
-            table, requests, sender=sender, statement_timeout=statement_timeout
+            table, requests, sender=sender, statement_timeout=statement_timeout, on_sent=on_sent
         )
         await self._lag()
         return outcomes

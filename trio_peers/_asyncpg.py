@@ -146,6 +146,10 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
         raise BackendUnavailable(f"asyncio task cancelled inside the driver: {exc!r}") from exc
 
 
+def _nothing() -> None:
+    """A callback with nothing to do."""
+
+
 _TERMINATE: Final = b"X\x00\x00\x00\x04"  # the protocol's Terminate message
 
 
@@ -204,6 +208,21 @@ async def open_asyncio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
 
 
 # ---------------------------------------------------------------------- asyncio side
+
+
+async def _aio_signalled(call: Callable[[], Awaitable[T]], on_sent: Callable[[], None]) -> T:
+    """asyncio-flavoured: await ``call()``, calling ``on_sent()`` once its statement is written.
+
+    asyncpg writes a statement's messages to the socket in the first step of its coroutine,
+    before it first waits (for the reply). Run as a task of its own, that step is a
+    callback of the loop's, and a callback queued right after it runs right after it (the
+    loop runs ready callbacks in order): ``on_sent()`` then tells the Trio side that the
+    statement has left, in the same scheduler pass. Cancelling this coroutine cancels the
+    statement's task (asyncio cancels the future a task awaits). ``on_sent`` must not raise.
+    """
+    task = asyncio.ensure_future(call())
+    asyncio.get_running_loop().call_soon(on_sent)
+    return await task
 
 
 async def _aio_connect(
@@ -826,20 +845,23 @@ class AsyncpgSessionConnection:
         *,
         sender: str,
         statement_timeout: float,
+        on_sent: Callable[[], None] | None = None,
     ) -> list[ReleaseOutcome]:
         prepared = self._table(table)
+        sent = on_sent if on_sent is not None else _nothing
         if len(requests) == 1:  # the single-name statement is the quicker one
             (r,) = requests
             one = (r.name, r.node, r.term, table.channel, down_payload(r.name, r.term, sender))
+            release_one = prepared.release_one
+
+            def fetch_one() -> Awaitable[Record | None]:
+                if release_one is not None:
+                    return release_one.fetchrow(*one, timeout=statement_timeout)
+                sql = prepared.sql.release_one
+                return self._conn.fetchrow(sql, *one, timeout=statement_timeout)
+
             with _mapped():
-                if prepared.release_one is not None:
-                    row = await _aio(prepared.release_one.fetchrow, self._loop)(
-                        *one, timeout=statement_timeout
-                    )
-                else:
-                    row = await _aio(self._conn.fetchrow, self._loop)(
-                        prepared.sql.release_one, *one, timeout=statement_timeout
-                    )
+                row = await _aio(_aio_signalled, self._loop)(fetch_one, sent)
             if row is None:  # pragma: no cover - the SELECT always returns one row
                 raise BackendUnavailable("release statement returned no row")
             return [ReleaseOutcome(released=row["released"], busy=row["busy"])]
@@ -850,15 +872,15 @@ class AsyncpgSessionConnection:
             table.channel,
             sender,
         )
+        release_many = prepared.release_many
+
+        def fetch_many() -> Awaitable[list[Record]]:
+            if release_many is not None:
+                return release_many.fetch(*args, timeout=statement_timeout)
+            return self._conn.fetch(prepared.sql.release_many, *args, timeout=statement_timeout)
+
         with _mapped():
-            if prepared.release_many is not None:
-                rows = await _aio(prepared.release_many.fetch, self._loop)(
-                    *args, timeout=statement_timeout
-                )
-            else:
-                rows = await _aio(self._conn.fetch, self._loop)(
-                    prepared.sql.release_many, *args, timeout=statement_timeout
-                )
+            rows = await _aio(_aio_signalled, self._loop)(fetch_many, sent)
         by_name = {row["name"]: row for row in rows}
         return [
             ReleaseOutcome(released=by_name[r.name]["released"], busy=by_name[r.name]["busy"])

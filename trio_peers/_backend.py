@@ -206,8 +206,16 @@ class SessionConnection(Protocol):
         *,
         sender: str,
         statement_timeout: float,
+        on_sent: Callable[[], None] | None = None,
     ) -> list[ReleaseOutcome]:
-        """Release each tenure (distinct names) and NOTIFY the released ones, atomically."""
+        """Release each tenure (distinct names) and NOTIFY the released ones, atomically.
+
+        ``on_sent``, if given, is called once (sync, in the Trio thread, never raising) as
+        soon as the statement has left, before its reply: the session then does the work
+        it had held back so as not to delay the statement (telling each peer's readers
+        that leadership ended). A connection that cannot tell may call it at once, or
+        never; nothing but that scheduling depends on it.
+        """
         ...
 
     async def get_leaders(

@@ -491,7 +491,10 @@ class _MemorySessionConnection:
         *,
         sender: str,
         statement_timeout: float,
+        on_sent: Callable[[], None] | None = None,
     ) -> list[ReleaseOutcome]:
+        if on_sent is not None and not self.closed:
+            on_sent()  # (the statement leaves now; _statement is its time on the way)
         await self._statement(table, statement_timeout)
         outcomes = self._backend.release_many_now(table, requests, sender)
         await self._reply()
