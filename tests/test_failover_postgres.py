@@ -322,6 +322,10 @@ async def test_peer_that_saw_the_new_timeline_never_leads_on_the_old_primary(
                 assert not peer.is_leader, "led on a server behind a timeline it saw"
                 await trio.sleep(0.005)
         assert peer.statistics().elections_failed >= 3
+        # The public class (trio_peers.ServerBehind), as statistics and Fault events name it.
+        assert (peer.statistics().last_error or "").startswith("ServerBehind: "), (
+            peer.statistics().last_error
+        )
     behind = [r.getMessage() for r in caplog.records if "behind timeline 2" in r.getMessage()]
     assert behind and "on timeline 1" in behind[0]
     assert len(behind) == 1, behind  # logged once

@@ -21,7 +21,12 @@ class ServerBehind(BackendUnavailable):
 
     An old primary that came back after a failover. A peer never leads there: each round
     fails with this, and the peer retries with backoff (and reconnects: a multi-host DSN
-    may find the new primary).
+    may find the new primary). You see it in :attr:`PeerStatistics.last_error
+    <trio_peers.PeerStatistics.last_error>` and in the ``error`` of
+    :class:`~trio_peers.Fault` events; a :class:`~trio_peers.PeerBackend` raises it from
+    ``elect`` for the same case. See :doc:`/howto/high-availability`.
+
+    .. versionadded:: 0.2
     """
 
 
