@@ -331,3 +331,40 @@ async def test_peer_that_saw_the_new_timeline_never_leads_on_the_old_primary(
     assert len(behind) == 1, behind  # logged once
     async with open_sql(pair.primary.dsn) as old:
         assert await old.row("default") is None, "wrote a lease on the old primary"
+
+
+async def test_a_release_waits_for_no_synchronous_standby_and_the_takeover_does() -> None:
+    """A release commits asynchronously: with the synchronous standby gone, a leader's exit
+    still releases at once and its follower hears it at once; the takeover, an election
+    (which commits synchronously), completes once the primary may commit again. Regression:
+    the release committed synchronously, so the exit waited its whole ``cleanup_timeout``
+    for the standby, gave up, and left the lease to lapse; no follower heard of it."""
+    with start_pair(synchronous=True) as pair:
+        dsn = pair.primary.dsn
+        await migrate(dsn)
+        async with open_sql(dsn) as sql, trio.open_nursery() as nursery:
+
+            async def follower(*, task_status: trio.TaskStatus[Peer]) -> None:
+                async with open_peer(peer_config(dsn, "b", interval=30.0)) as b:
+                    task_status.started(b)
+                    await trio.sleep_forever()
+
+            async with open_peer(peer_config(dsn, "a", interval=30.0)) as a:
+                assert a.is_leader
+                b: Peer = await nursery.start(follower)
+                assert not b.is_leader
+                await trio.to_thread.run_sync(pair.cut)  # commits now wait for the standby
+                heard = b.statistics().notifications_received
+                leaving = trio.current_time()
+            left = trio.current_time() - leaving
+            assert left < 1.0, f"the exit took {left:.2f} s"  # cleanup_timeout is 5 s
+            row = await sql.row("default")
+            assert row is not None and row["node"] == "a"
+            assert not row["live"], "the release is not visible on the primary"
+            await wait_for(lambda: b.statistics().notifications_received > heard, limit=2)
+            with trio.move_on_after(0.5):
+                await b.wait_leader()
+            assert not b.is_leader, "the takeover did not wait for the synchronous standby"
+            await trio.to_thread.run_sync(pair.set_synchronous, False)
+            await wait_for(lambda: b.is_leader, limit=4)
+            nursery.cancel_scope.cancel()

@@ -30,6 +30,9 @@ _POSITION_CTE: Final = """pos AS (
     END AS tl
 )"""
 
+#: A release's commit mode: asynchronous, for this transaction only (see Statements.release).
+_PROMPT: Final = "(SELECT set_config('synchronous_commit', 'off', true)) AS prompt"
+
 #: elect_many's barrier length for the conflicting row (looked up only for a new barrier).
 _BARRIER_OF_ROW: Final = """make_interval(
                               secs => (SELECT r.barrier FROM req AS r WHERE r.name = p.name))"""
@@ -241,9 +244,16 @@ ORDER BY r.name
         # $1 name, $2 node, $3 term, $4 channel, $5 payload.
         # Expire the tenure in place (the row keeps the term counter, so terms
         # stay monotonic) and NOTIFY in the same statement: the notification is
-        # delivered at commit, when followers can already take the lease. The
-        # commit is synchronous, like the election's, so a release is not undone
-        # by a crash (the lease would then linger until it expires).
+        # delivered at commit, when followers can already take the lease.
+        #
+        # The commit is asynchronous (transaction-local): it returns, and the NOTIFY goes
+        # out, without waiting for the WAL flush or a synchronous standby. Nothing depends
+        # on a release being durable: the releasing peer stopped trusting its lease before
+        # it sent this, and the election that takes the lease over commits synchronously,
+        # which flushes (and, with synchronous replication, replicates) all earlier WAL,
+        # the release included, before anyone trusts the new term. A crash can undo a
+        # release nobody has acted on yet: the lease then lapses at its expiry, as after a
+        # crash of its holder.
         t = self.qualified
         return f"""
 WITH released AS (
@@ -252,15 +262,15 @@ WITH released AS (
     RETURNING name
 )
 SELECT pg_notify($4::text, $5::text)
-FROM released, (SELECT set_config('synchronous_commit', 'on', true)) AS durable
+FROM released, {_PROMPT}
 """
 
     @property
     def release_one(self) -> str:
         # $1 name, $2 node, $3 term, $4 channel, $5 payload: `release_many` for one name
         # (a session's release of a single name: the quicker statement), with the payload
-        # built by the caller as for `release`. A row locked by another transaction is not
-        # waited for: busy, nothing changed.
+        # built by the caller as for `release`, and committed asynchronously as it is. A row
+        # locked by another transaction is not waited for: busy, nothing changed.
         t = self.qualified
         return f"""
 WITH held AS (
@@ -283,7 +293,7 @@ notified AS (
 SELECT EXISTS (SELECT FROM released) AS released,
        (EXISTS (SELECT FROM held) AND NOT EXISTS (SELECT FROM locked)) AS busy,
        (SELECT count(*) FROM notified) AS notified
-FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
+FROM {_PROMPT}
 """
 
     @property
@@ -292,7 +302,8 @@ FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
         # (docs/protocol.rst, "Batched elections"). $1 names, $2 nodes, $3 terms (arrays of
         # one length, distinct names), $4 channel, $5 sender.
         #
-        # Per name, the same rule as `release`: expire exactly this tenure, if unexpired.
+        # Per name, the same rule as `release`: expire exactly this tenure, if unexpired;
+        # committed asynchronously, as `release` is.
         # Unlike `release`, a row locked by another transaction is not waited for (SKIP
         # LOCKED, in name order): it is reported busy, so one name's locked row cannot hold
         # up the others; the caller retries it. The released names are announced in
@@ -341,7 +352,7 @@ SELECT r.name,
        rel.name IS NOT NULL AS released,
        (rel.name IS NULL AND r.name IN (SELECT name FROM held)
         AND r.name NOT IN (SELECT name FROM locked)) AS busy
-FROM (SELECT set_config('synchronous_commit', 'on', true)) AS durable
+FROM {_PROMPT}
 CROSS JOIN (SELECT count(*) FROM notified) AS n
 CROSS JOIN req AS r
 LEFT JOIN released AS rel USING (name)
