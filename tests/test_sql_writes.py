@@ -1,4 +1,4 @@
-"""What the election statement writes, on a real PostgreSQL.
+"""What the election and release statements write, on a real PostgreSQL.
 
 A follower bids once per round for as long as another peer holds the lease: followers x names x
 rounds of statements. A denied bid must be a pure read (no row lock, no transaction id, no WAL
@@ -13,7 +13,11 @@ import pytest
 import trio
 import trio_asyncio
 
+from trio_peers import migrate, open_peer
+from trio_peers.testing import PostgresServer
+
 from ._lease_stores import StoreSpec
+from ._pgutil import SQL, open_sql, peer_config
 
 pytestmark = pytest.mark.postgres
 
@@ -69,3 +73,31 @@ async def test_denied_bid_does_not_wait_for_a_row_lock(spec: StoreSpec, pg_dsn: 
                 assert denied.term is None and denied.holder_node == "a"
             finally:
                 locker.terminate()
+
+
+async def test_a_release_leaves_its_flush_to_the_takeover_which_waits_for_it() -> None:
+    """Without synchronous standbys a release commits asynchronously: it returns (and its
+    followers hear it) before its WAL is flushed, one disk flush less on every graceful
+    handover of a server with fsync on. The election that takes the lease over commits
+    synchronously, which flushes the release with it before its peer learns the term.
+    Regression: the release waited for its flush like an election."""
+    # A WAL writer that wakes every 10 s leaves an asynchronous commit unflushed meanwhile.
+    with PostgresServer.start(settings={"wal_writer_delay": "10s"}) as server:
+        dsn = server.dsn
+        await migrate(dsn)
+
+        async def unflushed(sql: SQL) -> bool:
+            behind: bool = await sql.fetchval(
+                "SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn()"
+            )
+            return behind
+
+        async with open_sql(dsn) as sql:
+            async with open_peer(peer_config(dsn, "a", interval=30.0)) as a:
+                assert a.is_leader
+                assert not await unflushed(sql)  # the election flushed its commit
+            assert not (await sql.row())["live"]  # released
+            assert await unflushed(sql), "the release waited for its WAL flush"
+            async with open_peer(peer_config(dsn, "b", interval=30.0)) as b:
+                assert b.is_leader
+                assert not await unflushed(sql)  # the takeover flushed, the release too

@@ -146,10 +146,6 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
         raise BackendUnavailable(f"asyncio task cancelled inside the driver: {exc!r}") from exc
 
 
-def _nothing() -> None:
-    """A callback with nothing to do."""
-
-
 _TERMINATE: Final = b"X\x00\x00\x00\x04"  # the protocol's Terminate message
 
 
@@ -848,7 +844,6 @@ class AsyncpgSessionConnection:
         on_sent: Callable[[], None] | None = None,
     ) -> list[ReleaseOutcome]:
         prepared = self._table(table)
-        sent = on_sent if on_sent is not None else _nothing
         if len(requests) == 1:  # the single-name statement is the quicker one
             (r,) = requests
             one = (r.name, r.node, r.term, table.channel, down_payload(r.name, r.term, sender))
@@ -861,7 +856,10 @@ class AsyncpgSessionConnection:
                 return self._conn.fetchrow(sql, *one, timeout=statement_timeout)
 
             with _mapped():
-                row = await _aio(_aio_signalled, self._loop)(fetch_one, sent)
+                if on_sent is None:
+                    row = await _aio(fetch_one, self._loop)()
+                else:
+                    row = await _aio(_aio_signalled, self._loop)(fetch_one, on_sent)
             if row is None:  # pragma: no cover - the SELECT always returns one row
                 raise BackendUnavailable("release statement returned no row")
             return [ReleaseOutcome(released=row["released"], busy=row["busy"])]
@@ -880,7 +878,10 @@ class AsyncpgSessionConnection:
             return self._conn.fetch(prepared.sql.release_many, *args, timeout=statement_timeout)
 
         with _mapped():
-            rows = await _aio(_aio_signalled, self._loop)(fetch_many, sent)
+            if on_sent is None:
+                rows = await _aio(fetch_many, self._loop)()
+            else:
+                rows = await _aio(_aio_signalled, self._loop)(fetch_many, on_sent)
         by_name = {row["name"]: row for row in rows}
         return [
             ReleaseOutcome(released=by_name[r.name]["released"], busy=by_name[r.name]["busy"])

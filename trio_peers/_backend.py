@@ -60,7 +60,9 @@ class BackendConnection(Protocol):
 
         Renews the tenure ``held_term`` if this node holds it unexpired, else
         takes over an absent or expired lease with a new, higher term, else
-        changes nothing and reports the current holder.
+        changes nothing and reports the current holder. A won or renewed tenure must be
+        durable when this returns, and so must every release the store committed before
+        it (PostgreSQL: a synchronous commit, whose WAL flush covers all earlier WAL).
         """
         ...
 
@@ -69,7 +71,8 @@ class BackendConnection(Protocol):
     ) -> bool:
         """Release tenure ``term`` (if still held and unexpired) and NOTIFY ``down``, atomically.
 
-        Returns True if a lease was released.
+        Returns True if a lease was released. The release need not be durable yet (the
+        next election's commit makes it so); see :doc:`/protocol`.
         """
         ...
 

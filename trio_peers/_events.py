@@ -184,7 +184,9 @@ class LeaseReleased:
     """The term of the released tenure."""
     released: bool
     """Whether the database released it (``False``: the statement failed or timed out, or the
-    lease had already expired or passed on; the other peers then wait for it to expire)."""
+    lease had already expired or passed on; the other peers then wait for it to expire).
+    Committed, but without synchronous standbys not yet flushed: a server crash before the
+    next synchronous commit (the takeover's) may undo it (see :doc:`/protocol`)."""
     duration: float
     """Seconds the release statement took."""
     at: float

@@ -789,7 +789,9 @@ class PeerSession(metaclass=NoPublicConstructor):
                     release_requests,
                     sender=self._sender,
                     statement_timeout=limit,
-                    on_sent=on_sent,
+                    # (Only a shared session waits for it: open_peer's releases its one name
+                    # in the peer's own stop, and the signal costs an asyncio task.)
+                    on_sent=on_sent if self._shared else None,
                 )
                 for request, result in zip(todo, released, strict=True):
                     request.finish(result)

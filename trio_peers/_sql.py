@@ -30,8 +30,11 @@ _POSITION_CTE: Final = """pos AS (
     END AS tl
 )"""
 
-#: A release's commit mode: asynchronous, for this transaction only (see Statements.release).
-_PROMPT: Final = "(SELECT set_config('synchronous_commit', 'off', true)) AS prompt"
+#: A release's commit mode, for its own transaction only (see Statements.release):
+#: asynchronous, unless the server has synchronous standbys to wait for.
+_PROMPT: Final = """(SELECT set_config('synchronous_commit',
+                       CASE WHEN current_setting('synchronous_standby_names') = ''
+                            THEN 'off' ELSE 'on' END, true)) AS prompt"""
 
 #: elect_many's barrier length for the conflicting row (looked up only for a new barrier).
 _BARRIER_OF_ROW: Final = """make_interval(
@@ -246,14 +249,19 @@ ORDER BY r.name
         # stay monotonic) and NOTIFY in the same statement: the notification is
         # delivered at commit, when followers can already take the lease.
         #
-        # The commit is asynchronous (transaction-local): it returns, and the NOTIFY goes
-        # out, without waiting for the WAL flush or a synchronous standby. Nothing depends
-        # on a release being durable: the releasing peer stopped trusting its lease before
-        # it sent this, and the election that takes the lease over commits synchronously,
-        # which flushes (and, with synchronous replication, replicates) all earlier WAL,
-        # the release included, before anyone trusts the new term. A crash can undo a
-        # release nobody has acted on yet: the lease then lapses at its expiry, as after a
-        # crash of its holder.
+        # The commit is asynchronous (transaction-local) on a server without synchronous
+        # standbys: it returns, and the NOTIFY goes out, without waiting for the WAL flush.
+        # Nothing depends on a release being durable: the releasing peer stopped trusting
+        # its lease before it sent this, and the election that takes the lease over
+        # commits synchronously, which flushes all earlier WAL, the release included,
+        # before its peer learns the new term. A crash can only undo a release that no
+        # election has committed on top of: the lease then lapses at its expiry, as after
+        # a crash of its holder. With synchronous standbys (synchronous_standby_names set)
+        # the commit stays synchronous: were the release to commit at once while the
+        # standby is away, the takeover would wait for the standby instead, and if it
+        # outlasted its statement timeout, its peer would never learn the term it won and
+        # stay locked out for an interval after the standby came back; waiting in the
+        # release instead, the takeover comes the moment the standby does.
         t = self.qualified
         return f"""
 WITH released AS (
