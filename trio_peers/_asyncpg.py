@@ -206,8 +206,12 @@ async def open_asyncio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
 # ---------------------------------------------------------------------- asyncio side
 
 
-async def _aio_signalled(call: Callable[[], Awaitable[T]], on_sent: Callable[[], None]) -> T:
+async def _aio_signalled(
+    call: Callable[[], Awaitable[T]], on_sent: Callable[[], None] | None
+) -> T:
     """asyncio-flavoured: await ``call()``, calling ``on_sent()`` once its statement is written.
+
+    Without ``on_sent``, just ``await call()`` (no task of its own).
 
     asyncpg writes a statement's messages to the socket in the first step of its coroutine,
     before it first waits (for the reply). Run as a task of its own, that step is a
@@ -216,6 +220,8 @@ async def _aio_signalled(call: Callable[[], Awaitable[T]], on_sent: Callable[[],
     statement has left, in the same scheduler pass. Cancelling this coroutine cancels the
     statement's task (asyncio cancels the future a task awaits). ``on_sent`` must not raise.
     """
+    if on_sent is None:
+        return await call()
     task = asyncio.ensure_future(call())
     asyncio.get_running_loop().call_soon(on_sent)
     return await task
@@ -856,10 +862,7 @@ class AsyncpgSessionConnection:
                 return self._conn.fetchrow(sql, *one, timeout=statement_timeout)
 
             with _mapped():
-                if on_sent is None:
-                    row = await _aio(fetch_one, self._loop)()
-                else:
-                    row = await _aio(_aio_signalled, self._loop)(fetch_one, on_sent)
+                row = await _aio(_aio_signalled, self._loop)(fetch_one, on_sent)
             if row is None:  # pragma: no cover - the SELECT always returns one row
                 raise BackendUnavailable("release statement returned no row")
             return [ReleaseOutcome(released=row["released"], busy=row["busy"])]
@@ -878,10 +881,7 @@ class AsyncpgSessionConnection:
             return self._conn.fetch(prepared.sql.release_many, *args, timeout=statement_timeout)
 
         with _mapped():
-            if on_sent is None:
-                rows = await _aio(fetch_many, self._loop)()
-            else:
-                rows = await _aio(_aio_signalled, self._loop)(fetch_many, on_sent)
+            rows = await _aio(_aio_signalled, self._loop)(fetch_many, on_sent)
         by_name = {row["name"]: row for row in rows}
         return [
             ReleaseOutcome(released=by_name[r.name]["released"], busy=by_name[r.name]["busy"])

@@ -277,8 +277,8 @@ FROM released, {_PROMPT}
     def release_one(self) -> str:
         # $1 name, $2 node, $3 term, $4 channel, $5 payload: `release_many` for one name
         # (a session's release of a single name: the quicker statement), with the payload
-        # built by the caller as for `release`, and committed asynchronously as it is. A row
-        # locked by another transaction is not waited for: busy, nothing changed.
+        # built by the caller as for `release`, and committed in the same mode as it is. A
+        # row locked by another transaction is not waited for: busy, nothing changed.
         t = self.qualified
         return f"""
 WITH held AS (
@@ -311,7 +311,7 @@ FROM {_PROMPT}
         # one length, distinct names), $4 channel, $5 sender.
         #
         # Per name, the same rule as `release`: expire exactly this tenure, if unexpired;
-        # committed asynchronously, as `release` is.
+        # committed in the same mode as `release` is.
         # Unlike `release`, a row locked by another transaction is not waited for (SKIP
         # LOCKED, in name order): it is reported busy, so one name's locked row cannot hold
         # up the others; the caller retries it. The released names are announced in
