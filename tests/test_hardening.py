@@ -375,16 +375,33 @@ def test_asyncio_cancelled_error_from_the_driver_is_a_backend_failure() -> None:
 # ---------------------------------------------------------------------- get_leader
 
 
-async def test_get_leader_failure_leaves_the_connection_and_leadership_alone(
+@pytest.mark.parametrize(
+    ("error", "connection_kept"),
+    [
+        # The driver's timeout: the connection is fine and stays.
+        (lambda: TimeoutError("statement timed out"), True),
+        # The connection broke under the query: the session reconnects for the next round.
+        (lambda: BackendUnavailable("connection reset"), False),
+    ],
+    ids=["timeout", "broken"],
+)
+async def test_get_leader_failure_leaves_leadership_alone(
     autojump_clock: trio.testing.MockClock,
+    error: Callable[[], BaseException],
+    connection_kept: bool,
 ) -> None:
     backend = Faulty()
     async with open_peer(cfg("a"), backend=backend) as a:
-        backend.get_leader_error = lambda: BackendUnavailable("query failed")
+        term = a.term
+        backend.get_leader_error = error
         with pytest.raises(BackendUnavailable):
             await a.get_leader()
-        assert a.is_leader
-        assert a.statistics().connects == 1
+        assert a.is_leader and a.term == term
+        assert backend.memory.connection_count == (1 if connection_kept else 0)
+        backend.get_leader_error = None
+        await trio.sleep(2 * INTERVAL)  # renewals go on, on the old or a new connection
+        assert a.is_leader and a.term == term
+        assert a.statistics().elections_failed == 0
         assert backend.memory.connection_count == 1
 
 

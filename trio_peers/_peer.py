@@ -1,31 +1,32 @@
-"""The Trio shell: `open_peer`, `Peer`, and leader-only work.
+"""The Trio shell of one name: `Peer`, its rounds, its leadership and its shutdown.
 
-The shell runs statements, sleeps and publishes; :mod:`trio_peers._core`
-decides. Tasks (all in the peer's internal nursery):
+A peer owns what is its name's: the election core (:mod:`trio_peers._core` decides, the
+peer runs statements, sleeps and publishes), the leadership cell, the leader-only work
+(:mod:`trio_peers._leader_work`), the event hook and the logging of its faults. Its
+*main task* (:meth:`Peer._serve`) runs the election loop, one round at a time, sleeping
+until the core's next round (or an earlier wake-up), then the peer's stop.
 
-* the *election loop* runs one round at a time and sleeps until the core's
-  next round (or an earlier wake-up);
-* the *listener* drains NOTIFY payloads handed over by the backend's callback,
-  parses them, and wakes the loop for a ``down`` of this name from another peer;
-* the *watchdog* publishes the end of trust the instant the local trust
-  deadline passes, even while a renewal hangs.
+Everything a peer shares is its session's (:mod:`trio_peers._session`), also for
+:func:`~trio_peers.open_peer`, which runs a private session of one name: the connection
+(the peer sends its statements through a per-name :class:`NameConnector`), the NOTIFY
+listener (which calls :meth:`Peer._handle_down` for this name's releases), and the
+watchdog (which calls :meth:`Peer._watch_fired` the instant the trust deadline passes,
+even while a renewal hangs).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Final, Literal, TypeVarTuple, Unpack, final
+from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeVarTuple, Unpack, final
 
 import attrs
 import trio
 
-from ._backend import BackendConnection, BackendConnector, LeaderInfo
+from ._backend import BackendConnection, LeaderInfo
 from ._cell import LeadershipCell, LeadershipChannel
 from ._config import PeerConfig
 from ._core import (
@@ -34,7 +35,6 @@ from ._core import (
     ElectionCore,
     ElectionOutcome,
     FailureCause,
-    parse_notification,
 )
 from ._events import (
     ElectionRound,
@@ -60,25 +60,32 @@ from ._exceptions import (
 from ._fence import Fence, make_fence
 from ._leader_work import LeaderScope, LeaderWork
 from ._sql import Statements
-from ._util import NoPublicConstructor, SharedLog, raise_after_body
+from ._util import ErrorLog, NoPublicConstructor, SharedLog, raise_after_body
 
 if TYPE_CHECKING:
     import asyncpg
 
 log: Final = logging.getLogger("trio_peers")
 
+
+class NameConnector(Protocol):
+    """What a peer needs of its session: a connection for its name's statements (a
+    session's per-name member, which sends them in the session's batches)."""
+
+    async def connect(self, *, on_lost: Callable[[], None]) -> BackendConnection:
+        """Attach to the session's connection (connecting it if need be). ``on_lost()``
+        is called (sync, never raising) if that connection drops while attached."""
+        ...
+
+
 PosArgsT = TypeVarTuple("PosArgsT")
 
-#: Most NOTIFY payloads buffered between the backend callback and the listener task.
-_NOTIFY_BUFFER: Final = 256
 #: Extra seconds the Trio-side guard adds to a statement's own timeout.
 _GUARD_SLACK: Final = 0.5
 #: get_leader() runs its statement only with at least this much time before the next round.
 _GET_LEADER_MIN_ROOM: Final = 0.002
 #: A follower warns of a locked lease row after this many busy rounds in a row.
 _FOLLOWER_BUSY_WARN_AFTER: Final = 3
-#: An unexpected error (a bug somewhere) is logged with its traceback at most this often.
-_UNEXPECTED_LOG_PERIOD: Final = 60.0
 
 
 @final
@@ -144,34 +151,6 @@ class _Resignation:
 
 
 @final
-class _ErrorLog:
-    """Logs unexpected errors at ERROR with a traceback: the first one, then at most one per
-    period (counting the ones suppressed), so a bug costs leadership, not the log."""
-
-    def __init__(self, period: float) -> None:
-        self._period = period
-        self._next_at = -math.inf
-        self._suppressed = 0
-
-    def report(self, peer: str, where: str, exc: BaseException) -> None:
-        now = time.monotonic()  # paces the log only; decides nothing
-        if now < self._next_at:
-            self._suppressed += 1
-            log.debug("trio-peers %s: unexpected error in %s again", peer, where, exc_info=exc)
-            return
-        suppressed, self._suppressed = self._suppressed, 0
-        self._next_at = now + self._period
-        log.error(
-            "trio-peers %s: unexpected error in %s (%d more since the last report); stepping "
-            "down and retrying. Please report this as a bug.",
-            peer,
-            where,
-            suppressed,
-            exc_info=exc,
-        )
-
-
-@final
 class Peer(metaclass=NoPublicConstructor):
     """A member of a leader election. Get one from :func:`open_peer`.
 
@@ -187,14 +166,13 @@ class Peer(metaclass=NoPublicConstructor):
         queue_wait: float = 0.0,
         aligner: Callable[[float, float], float] | None = None,
         timer: Callable[[float], None] | None = None,
-        own_listener: bool = True,
+        watch: Callable[[float], None],
         shared_log: SharedLog | None = None,
-        watch: Callable[[float], None] | None = None,
     ) -> None:
         now = trio.current_time()
         self._config = config
         self._on_event = on_event
-        self._hook_errors = _ErrorLog(_UNEXPECTED_LOG_PERIOD)
+        self._hook_errors = ErrorLog()
         self._core = ElectionCore(
             interval=config.interval,
             leader_boost=config.leader_boost,
@@ -209,7 +187,7 @@ class Peer(metaclass=NoPublicConstructor):
         self._cell = LeadershipCell(config.name, config.node, now)
         self._statements = Statements(config.prefix, config.table)
         self._sender = sender if sender is not None else secrets.token_hex(8)
-        self._connector: BackendConnector | None = None
+        self._connector: NameConnector | None = None
         self._conn: BackendConnection | None = None
         self._conn_gen = 0
         # A semaphore, not a Lock: a shared session's task takes it for an inline round
@@ -217,14 +195,9 @@ class Peer(metaclass=NoPublicConstructor):
         self._conn_lock = trio.Semaphore(1, max_value=1)
         self._parked = False
         self._resched = trio.Event()
-        self._payloads: collections.deque[str] = collections.deque(maxlen=_NOTIFY_BUFFER)
-        self._payloads_ready = trio.Event()
-        self._watch_scope: trio.CancelScope | None = None
         self._loop_scope = trio.CancelScope()
         self._serve_scope = trio.CancelScope()  # shielded once entered (see _serve)
-        self._self_ending: set[trio.lowlevel.Task] = set()  # tasks that _stop ends
-        self._own_listener = own_listener
-        # A shared session's one watchdog calls _publish at the trust deadline it is given
+        # The session's one watchdog calls _watch_fired at the trust deadline it is given
         # (rather than a task and a cancel scope per name).
         self._watch = watch
         self._watching = math.inf
@@ -243,7 +216,7 @@ class Peer(metaclass=NoPublicConstructor):
         self._stop_wanted = False  # see _request_stop
         self._report_entry: Callable[[], None] | None = None  # the task status's started()
         self._round_finished: trio.Event | None = None  # made by a waiter (get_leader)
-        self._unexpected = _ErrorLog(_UNEXPECTED_LOG_PERIOD)
+        self._unexpected = ErrorLog()
 
     # ------------------------------------------------------------------ public API
 
@@ -332,8 +305,9 @@ class Peer(metaclass=NoPublicConstructor):
         waits behind it (a statement that would still run when the next round is
         due is cut short and tried again after that round). Bounded by
         ``statement_timeout`` in all, including any wait for a round in flight or
-        for a connection. A failure of this query leaves the peer's connection and
-        leadership alone.
+        for a connection. A failure of this query leaves the peer's leadership alone,
+        and its connection too unless the failure broke it (then the next round
+        reconnects).
 
         Raises:
           BackendUnavailable: the database cannot be reached, or did not answer in time.
@@ -606,23 +580,19 @@ class Peer(metaclass=NoPublicConstructor):
                 if self._on_event is not None and term is not None:
                     self._emit(LeadershipGained(name=self.name, node=self.node, term=term, at=now))
         deadline = self._core.trusted_until if leader else math.inf
-        if self._watch is not None:
-            # One live entry at a time, moved only earlier: a renewal that extends trust
-            # leaves it, and when it fires (_watch_fired) it moves on to the new deadline.
-            if deadline < self._watching:
-                self._watching = deadline
-                self._watch(deadline)
-        elif self._watch_scope is not None:
-            self._watch_scope.deadline = deadline
+        # One live entry at a time, moved only earlier: a renewal that extends trust leaves
+        # it, and when it fires (_watch_fired) it moves on to the new deadline.
+        if deadline < self._watching:
+            self._watching = deadline
+            self._watch(deadline)
         if self._work.scopes:
             self._work.bind(term, deadline, watch=not self._closing)
 
     def _watch_fired(self) -> None:
-        """A shared session's watchdog: the trust deadline registered last has come."""
+        """The session's watchdog: the trust deadline registered last has come."""
         self._watching = math.inf
         if self._core.is_leader(trio.current_time()) and not self._closing:
             self._watching = self._core.trusted_until  # renewed since: watch the new one
-            assert self._watch is not None
             self._watch(self._watching)
         else:
             self._publish()
@@ -708,11 +678,6 @@ class Peer(metaclass=NoPublicConstructor):
         if conn is not None:
             conn.abort()
 
-    def _on_notification(self, payload: str) -> None:
-        # Called from the backend's callback: no raising, no blocking.
-        self._payloads.append(payload)
-        self._payloads_ready.set()
-
     def _make_on_lost(self, gen: int) -> Callable[[], None]:
         def on_lost() -> None:
             if gen != self._conn_gen or self._closing:
@@ -737,9 +702,7 @@ class Peer(metaclass=NoPublicConstructor):
         assert self._connector is not None
         gen = self._conn_gen + 1
         with trio.fail_after(self._config.connect_timeout + _GUARD_SLACK):
-            conn = await self._connector.connect(
-                on_notification=self._on_notification, on_lost=self._make_on_lost(gen)
-            )
+            conn = await self._connector.connect(on_lost=self._make_on_lost(gen))
         self._conn_gen = gen
         self._conn = conn
         self._counters.connects += 1
@@ -1034,22 +997,6 @@ class Peer(metaclass=NoPublicConstructor):
                 continue  # the schedule changed: look again
             return
 
-    async def _listener(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        task_status.started()
-        while True:
-            await self._payloads_ready.wait()
-            self._payloads_ready = trio.Event()
-            while self._payloads:
-                self._handle_payload(self._payloads.popleft())
-
-    def _handle_payload(self, payload: str) -> None:
-        down = parse_notification(payload)
-        if down is None:
-            log.debug("trio-peers %s: ignoring malformed notification %.200r", self.name, payload)
-        self._handle_down(down)
-
     def _handle_down(self, down: Down | None) -> None:
         """A notification on the channel: a release (of any name), or ``None`` if malformed.
 
@@ -1075,28 +1022,11 @@ class Peer(metaclass=NoPublicConstructor):
                 )
             )
 
-    async def _watchdog(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        self._self_ending.add(trio.lowlevel.current_task())
-        task_status.started()
-        while True:
-            with trio.CancelScope() as scope:
-                self._watch_scope = scope
-                now = trio.current_time()
-                scope.deadline = (
-                    self._core.trusted_until if self._core.is_leader(now) else math.inf
-                )
-                await trio.sleep_forever()
-            self._publish()
-            if self._stop_started:
-                return  # (_stop ends it so: a task that returns costs less than a cancel)
-
     # ------------------------------------------------------------------ lifecycle
 
     async def _serve(
         self,
-        open_connector: Callable[[], AbstractAsyncContextManager[BackendConnector]],
+        open_connector: Callable[[], AbstractAsyncContextManager[NameConnector]],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -1106,8 +1036,8 @@ class Peer(metaclass=NoPublicConstructor):
         context (trio-asyncio's current loop, for asyncpg) never leaks into the
         user's ``async with`` body. The rounds run in this task itself (a task of their
         own cost each name one more task to run, wake and end: at 1,000 names of a
-        session, a measurable share of its exit); a peer of its own connection also
-        runs a watchdog and a listener next to it.
+        session, a measurable share of its exit). The connection, NOTIFY and the
+        watchdog are the session's; the nursery holds the peer's leader-only work.
         """
         try:
             with self._serve_scope:
@@ -1115,10 +1045,6 @@ class Peer(metaclass=NoPublicConstructor):
                     self._connector = connector
                     self._nursery = self._work.nursery = nursery
                     try:
-                        if self._watch is None:
-                            await nursery.start(self._watchdog)
-                        if self._own_listener:
-                            await nursery.start(self._listener)
                         # Reported by the loop once entered; not kept past that (the
                         # task status holds the nursery that started the task).
                         self._report_entry = task_status.started
@@ -1128,10 +1054,9 @@ class Peer(metaclass=NoPublicConstructor):
                         self._loop_done.set()
                         with trio.move_on_after(_shutdown_bound(self._config), shield=True):
                             await self._stop()
-                        # The watchdog returns by itself once stopped (a cancellation would
-                        # cost each peer's exit more than the rest of it): cancel only what
-                        # else runs (a listener, an overrun watcher).
-                        if set(nursery.child_tasks) - self._self_ending:
+                        # Cancel only what still runs (work that overran its stop): a
+                        # cancellation costs each name's exit more than the rest of it.
+                        if nursery.child_tasks:
                             nursery.cancel_scope.cancel()
         finally:
             self._served.set()
@@ -1263,8 +1188,6 @@ class Peer(metaclass=NoPublicConstructor):
             self._leave_faults()  # the sharers of its log log for themselves now
             if self._table_missing_logged:
                 self._shared_log.leave(self._table_key)
-            if self._watch_scope is not None:
-                self._watch_scope.cancel()  # the watchdog returns
             self._stopped.set()
 
     async def _close_connection(self) -> None:  # noqa: ASYNC910 - aclose awaits or raises
@@ -1310,7 +1233,7 @@ def check_event_hook(on_event: object) -> None:
 
 @asynccontextmanager
 async def run_peer(
-    peer: Peer, open_connector: Callable[[], AbstractAsyncContextManager[BackendConnector]]
+    peer: Peer, open_connector: Callable[[], AbstractAsyncContextManager[NameConnector]]
 ) -> AsyncIterator[Peer]:
     """Serve ``peer`` for the ``async with`` body: entry and exit as :func:`open_peer` says."""
     config = peer.config

@@ -6,8 +6,11 @@ on it), one *batcher* task that runs every statement, and one *listener* task th
 each notification once and hands each release to the peer of that name. Each peer keeps
 what is its own: its election core, its leadership cell, its leader-only work and its
 loop (:mod:`trio_peers._peer`). A peer talks to the session through a small per-name
-facade that implements the per-peer backend protocol, so the peer cannot tell a
-session's connection from a connection of its own.
+member (a :class:`~trio_peers._peer.NameConnector` whose connection sends that name's
+statements in the session's batches), and the session's one watchdog ends each name's
+trust at its deadline. :func:`open_peer` runs its peer on a private session of one name
+(a backend of the per-peer protocol only is adapted, :mod:`trio_peers._one_name`), so
+this is every peer's path.
 
 Batching. A request (an election round, a release, a ``get_leader``) is queued and the
 batcher wakes. It takes everything queued, and runs, per table, one statement for all
@@ -46,7 +49,6 @@ import trio
 
 from ._backend import (
     BackendConnection,
-    BackendConnector,
     ElectRequest,
     LeaderInfo,
     LeaseTable,
@@ -68,9 +70,10 @@ from ._exceptions import (
     SchemaError,
     TableMissing,
 )
-from ._peer import Peer, check_event_hook, run_peer
+from ._one_name import OneNameBackend
+from ._peer import NameConnector, Peer, check_event_hook, run_peer
 from ._sql import Statements, unlogged_warning
-from ._util import Deadlines, NoPublicConstructor, SharedLog, raise_after_body
+from ._util import Deadlines, ErrorLog, NoPublicConstructor, SharedLog, raise_after_body
 
 log: Final = logging.getLogger("trio_peers")
 
@@ -244,12 +247,8 @@ class _Member:
         else:  # (a request is finished with an Exception or a result)
             peer._inline_round_done(self._inline_started, None, BackendUnavailable(repr(error)))
 
-    # BackendConnector
-    async def connect(
-        self, *, on_notification: Callable[[str], None], on_lost: Callable[[], None]
-    ) -> BackendConnection:
-        # Notifications come parsed from the session's listener (Peer._handle_down).
-        del on_notification
+    # NameConnector (notifications come parsed from the session's listener: Peer._handle_down)
+    async def connect(self, *, on_lost: Callable[[], None]) -> BackendConnection:
         session = self.session
         if session._conn is None or self.table not in session._prepared:
             await session._submit(self, "connect", session._settings.connect_timeout)
@@ -358,6 +357,7 @@ class PeerSession(metaclass=NoPublicConstructor):
         self._closed = False
         # Faults of the connection (and of a table) are logged once for all of the names.
         self._log = SharedLog(" (said once for all of this session's names)")
+        self._unexpected = ErrorLog()  # a batch's unexpected errors (bugs): rate-limited
         self._nursery: trio.Nursery | None = None
         self._serve_scope = trio.CancelScope(shield=True)
         self._connects = 0
@@ -518,7 +518,7 @@ class PeerSession(metaclass=NoPublicConstructor):
 
     def _add(
         self, config: PeerConfig
-    ) -> tuple[Peer, Callable[[], AbstractAsyncContextManager[BackendConnector]]]:
+    ) -> tuple[Peer, Callable[[], AbstractAsyncContextManager[NameConnector]]]:
         """A new name of the session: its peer, and the connector its main task opens."""
         if self._closed:
             raise trio.ClosedResourceError("the session is closed")
@@ -536,15 +536,14 @@ class PeerSession(metaclass=NoPublicConstructor):
             queue_wait=config.effective_statement_timeout if self._shared else 0.0,
             aligner=aligned_wake if self._shared else None,
             timer=member.schedule if self._shared else None,
-            own_listener=False,  # the session's listener calls Peer._handle_down
             shared_log=self._log if self._shared else None,
-            watch=member.watch if self._shared else None,
+            watch=member.watch,
         )
         member.peer = peer
         self._members[key] = member
 
         @asynccontextmanager
-        async def connector() -> AsyncIterator[BackendConnector]:
+        async def connector() -> AsyncIterator[NameConnector]:
             try:
                 await trio.lowlevel.checkpoint()
                 yield member
@@ -729,7 +728,7 @@ class PeerSession(metaclass=NoPublicConstructor):
                 for request in requests:
                     request.finish(error=_copy_error(exc))
             except Exception as exc:  # a bug: costs this group and the connection
-                log.error("trio-peers: unexpected error in a session batch", exc_info=exc)
+                self._unexpected.report(f"session ({self._node})", "a batch", exc)
                 self._drop_connection(conn, batch)
                 for request in requests:
                     request.finish(error=_copy_error(exc))
@@ -907,8 +906,7 @@ class PeerSession(metaclass=NoPublicConstructor):
                 self._nursery = nursery
                 await nursery.start(self._batcher)
                 await nursery.start(self._listener)
-                if self._shared:
-                    await nursery.start(self._watchdog)
+                await nursery.start(self._watchdog)
                 task_status.started()
                 try:
                     await trio.sleep_forever()
@@ -1216,12 +1214,8 @@ async def open_peer(
 
         backend = AsyncpgBackend()
     check_event_hook(on_event)
-    if isinstance(backend, SessionBackend):
-        # The usual case: a private session of one name (one connection, one loop).
-        async with open_private_session(config, backend, on_event) as peer:
-            yield peer
-        return
-    legacy: PeerBackend = backend
-    peer = Peer._create(config, on_event)
-    async with run_peer(peer, lambda: legacy.open(config)) as running:
-        yield running
+    # A private session of one name (one connection, one loop); a backend of the per-peer
+    # protocol only is served as one.
+    sessions = backend if isinstance(backend, SessionBackend) else OneNameBackend(backend, config)
+    async with open_private_session(config, sessions, on_event) as peer:
+        yield peer

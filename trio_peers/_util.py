@@ -5,15 +5,22 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import logging
 import math
+import time
 from abc import ABCMeta
 from collections.abc import Hashable
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Final, Generic, NoReturn, TypeVar, final
 
 import trio
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
+
+log: Final = logging.getLogger("trio_peers")
+
+#: An unexpected error (a bug somewhere) is logged with its traceback at most this often.
+UNEXPECTED_LOG_PERIOD: Final = 60.0
 
 
 class NoPublicConstructor(ABCMeta):
@@ -179,3 +186,31 @@ class Deadlines(Generic[K]):
                 del self._tokens[key]
                 return key
         return None
+
+
+@final
+class ErrorLog:
+    """Logs unexpected errors at ERROR with a traceback: the first one, then at most one per
+    period (counting the ones suppressed), so a bug costs leadership, not the log."""
+
+    def __init__(self, period: float = UNEXPECTED_LOG_PERIOD) -> None:
+        self._period = period
+        self._next_at = -math.inf
+        self._suppressed = 0
+
+    def report(self, peer: str, where: str, exc: BaseException) -> None:
+        now = time.monotonic()  # paces the log only; decides nothing
+        if now < self._next_at:
+            self._suppressed += 1
+            log.debug("trio-peers %s: unexpected error in %s again", peer, where, exc_info=exc)
+            return
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next_at = now + self._period
+        log.error(
+            "trio-peers %s: unexpected error in %s (%d more since the last report); stepping "
+            "down and retrying. Please report this as a bug.",
+            peer,
+            where,
+            suppressed,
+            exc_info=exc,
+        )
