@@ -37,15 +37,8 @@ from ._core import (
     FailureCause,
 )
 from ._events import (
-    ElectionRound,
     EventHook,
-    Fault,
-    LeadershipGained,
-    LeadershipLost,
-    LeaseReleased,
     NotificationKind,
-    NotificationReceived,
-    PeerEvent,
     RoundOutcome,
 )
 from ._exceptions import (
@@ -59,8 +52,9 @@ from ._exceptions import (
 )
 from ._fence import Fence, make_fence
 from ._leader_work import LeaderScope, LeaderWork
+from ._report import PeerReporter
 from ._sql import Statements
-from ._util import ErrorLog, NoPublicConstructor, SharedLog, raise_after_body
+from ._util import NoPublicConstructor, SharedLog, raise_after_body
 
 if TYPE_CHECKING:
     import asyncpg
@@ -84,8 +78,6 @@ PosArgsT = TypeVarTuple("PosArgsT")
 _GUARD_SLACK: Final = 0.5
 #: get_leader() runs its statement only with at least this much time before the next round.
 _GET_LEADER_MIN_ROOM: Final = 0.002
-#: A follower warns of a locked lease row after this many busy rounds in a row.
-_FOLLOWER_BUSY_WARN_AFTER: Final = 3
 
 
 @final
@@ -138,7 +130,6 @@ class _Counters:
     notifications_received: int = 0
     notifications_ignored: int = 0
     connects: int = 0
-    last_error: str | None = None
 
 
 @final
@@ -171,8 +162,6 @@ class Peer(metaclass=NoPublicConstructor):
     ) -> None:
         now = trio.current_time()
         self._config = config
-        self._on_event = on_event
-        self._hook_errors = ErrorLog()
         self._core = ElectionCore(
             interval=config.interval,
             leader_boost=config.leader_boost,
@@ -201,13 +190,16 @@ class Peer(metaclass=NoPublicConstructor):
         # (rather than a task and a cancel scope per name).
         self._watch = watch
         self._watching = math.inf
-        self._shared_log = shared_log if shared_log is not None else SharedLog()
+        self._report = PeerReporter(
+            config.name,
+            config.node,
+            (config.prefix, config.table),
+            on_event,
+            shared_log if shared_log is not None else SharedLog(),
+        )
         self._loop_done = trio.Event()
         self._work = LeaderWork(config.name, config.node, config.cleanup_timeout)
         self._counters = _Counters()
-        self._faulty = False
-        self._fault_causes: set[tuple[str, str]] = set()
-        self._table_missing_logged = False
         self._closing = False
         self._served = trio.Event()
         self._stop_started = False
@@ -216,7 +208,6 @@ class Peer(metaclass=NoPublicConstructor):
         self._stop_wanted = False  # see _request_stop
         self._report_entry: Callable[[], None] | None = None  # the task status's started()
         self._round_finished: trio.Event | None = None  # made by a waiter (get_leader)
-        self._unexpected = ErrorLog()
 
     # ------------------------------------------------------------------ public API
 
@@ -426,7 +417,7 @@ class Peer(metaclass=NoPublicConstructor):
             notifications_received=c.notifications_received,
             notifications_ignored=c.notifications_ignored,
             connects=c.connects,
-            last_error=c.last_error,
+            last_error=self._report.last_error,
             leader_work_running=len(self._work.scopes),
         )
 
@@ -559,26 +550,9 @@ class Peer(metaclass=NoPublicConstructor):
         old = self._cell.value
         if self._cell.set(leader, term, now):
             if old.is_leader:
-                if not leader:
-                    log.info(
-                        "trio-peers %s: leadership lost by %s (term %s)",
-                        self.name,
-                        self.node,
-                        old.term,
-                    )
-                if self._on_event is not None and old.term is not None:
-                    why = reason if not leader else "replaced"
-                    self._emit(
-                        LeadershipLost(
-                            name=self.name, node=self.node, term=old.term, reason=why, at=now
-                        )
-                    )
+                self._report.lost(old.term, reason, now, replaced=leader)
             if leader:
-                log.info(
-                    "trio-peers %s: leadership gained by %s (term %s)", self.name, self.node, term
-                )
-                if self._on_event is not None and term is not None:
-                    self._emit(LeadershipGained(name=self.name, node=self.node, term=term, at=now))
+                self._report.gained(term, now)
         deadline = self._core.trusted_until if leader else math.inf
         # One live entry at a time, moved only earlier: a renewal that extends trust leaves
         # it, and when it fires (_watch_fired) it moves on to the new deadline.
@@ -597,81 +571,6 @@ class Peer(metaclass=NoPublicConstructor):
         else:
             self._publish()
 
-    def _emit(self, event: PeerEvent) -> None:
-        """Hand ``event`` to the hook. The hook's errors are logged, never raised."""
-        assert self._on_event is not None
-        try:
-            self._on_event(event)
-        except Exception as exc:
-            self._hook_errors.report(f"{self.name} ({self.node})", "the event hook", exc)
-
-    def _emit_round(
-        self, started: float, outcome: RoundOutcome, error: BaseException | None
-    ) -> None:
-        now = trio.current_time()
-        leader = self._core.is_leader(now)
-        self._emit(
-            ElectionRound(
-                name=self.name,
-                node=self.node,
-                outcome=outcome,
-                duration=now - started,
-                term=self._core.held_term,
-                trust_left=self._core.trusted_until - now if leader else None,
-                error=None if error is None else f"{type(error).__name__}: {error}",
-                at=now,
-            )
-        )
-
-    def _note_fault(self, exc: BaseException, what: str, *, kind: str = "statement") -> None:
-        """Log a fault: at WARNING for each new cause during an outage, else at DEBUG.
-
-        An outage often starts with one cause (the connection is lost) and goes on with
-        another (the server came back read-only): each distinct cause is worth one line, a
-        repeated one is not.
-        """
-        self._counters.last_error = f"{type(exc).__name__}: {exc}"
-        self._faulty = True
-        if self._on_event is not None:
-            self._emit(
-                Fault(
-                    name=self.name,
-                    node=self.node,
-                    kind=kind,
-                    error=self._counters.last_error,
-                    at=trio.current_time(),
-                )
-            )
-        cause = _fault_cause(exc)
-        if cause not in self._fault_causes and self._enter_fault(cause):
-            log.warning(
-                "trio-peers %s (%s): %s failed, stepping down and retrying: %s%s",
-                self.name,
-                self.node,
-                what,
-                self._counters.last_error,
-                self._shared_log.note,
-            )
-        else:
-            log.debug("trio-peers %s: %s failed again: %s", self.name, what, exc)
-
-    def _enter_fault(self, cause: tuple[str, str]) -> bool:
-        """A new cause of faults for this peer; True if the first among its log's sharers."""
-        self._fault_causes.add(cause)
-        return self._shared_log.enter(("fault", cause))
-
-    def _leave_faults(self) -> bool:
-        """This peer's faults ended; True if they ended for the last of its log's sharers."""
-        last = False
-        for cause in self._fault_causes:
-            last = self._shared_log.leave(("fault", cause)) or last
-        self._fault_causes.clear()
-        return last
-
-    @property
-    def _table_key(self) -> tuple[str, str, str]:
-        return ("table missing", self._config.prefix, self._config.table)
-
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
         self._conn_gen += 1
@@ -684,9 +583,10 @@ class Peer(metaclass=NoPublicConstructor):
                 return  # a connection we already dropped or are closing
             self._conn_gen += 1
             self._conn = None
-            self._note_fault(
+            self._report.fault(
                 BackendUnavailable("connection lost"),
                 "the database connection",
+                trio.current_time(),
                 kind="connection_lost",
             )
             if self._core.connection_lost(trio.current_time()):
@@ -784,21 +684,12 @@ class Peer(metaclass=NoPublicConstructor):
         elif isinstance(error, TableMissing):
             self._round_failed(error, "table_missing")
             self._drop_connection()
-            if not self._table_missing_logged:
-                self._table_missing_logged = True
-                if self._shared_log.enter(self._table_key):
-                    log.warning(
-                        "trio-peers %s: %s; staying follower%s",
-                        self.name,
-                        error,
-                        self._shared_log.note,
-                    )
         elif isinstance(error, BackendMisconfigured | SchemaError):
             self._round_failed(error, "misconfigured")
             self._drop_connection()
             propagate = entry
             if not entry:
-                log.error("trio-peers %s: %s", self.name, error)
+                self._report.misconfigured(error)
         elif isinstance(error, ServerBehind):
             # An old primary left behind by a failover: follow, retry at the failures'
             # bounded rate, and reconnect (a multi-host DSN may reach the new primary).
@@ -812,9 +703,17 @@ class Peer(metaclass=NoPublicConstructor):
             # connection, never the application. Cancellation is not an Exception.
             self._round_failed(error, "unexpected")
             self._drop_connection()
-            self._unexpected.report(f"{self.name} ({self.node})", "an election round", error)
-        if self._on_event is not None:
-            self._emit_round(started, outcome_name, error)
+            self._report.unexpected("an election round", error)
+        if self._report.events:
+            at = trio.current_time()
+            self._report.round(
+                started=started,
+                outcome=outcome_name,
+                held_term=self._core.held_term,
+                trust_left=self._core.trusted_until - at if self._core.is_leader(at) else None,
+                error=error,
+                now=at,
+            )
         self._round_over()
         return propagate
 
@@ -870,7 +769,7 @@ class Peer(metaclass=NoPublicConstructor):
             # error of the statement would, and the peer goes on.
             if self._core.round_started_at is not None:
                 self._end_round(started, error=exc)
-            self._unexpected.report(f"{self.name} ({self.node})", "an election round", exc)
+            self._report.unexpected("an election round", exc)
         finally:
             self._conn_lock.release()
             if self._parked and not self._closing:
@@ -887,56 +786,21 @@ class Peer(metaclass=NoPublicConstructor):
 
     def _round_failed(self, exc: BaseException, cause: FailureCause) -> None:
         self._counters.elections_failed += 1
-        self._core.round_failed(trio.current_time(), cause=cause)
-        if not isinstance(exc, TableMissing):
-            self._note_fault(exc, "an election round")
+        now = trio.current_time()
+        self._core.round_failed(now, cause=cause)
+        if isinstance(exc, TableMissing):
+            self._report.table_missing(exc, now)
         else:
-            self._counters.last_error = f"{type(exc).__name__}: {exc}"
-            if self._on_event is not None:
-                self._emit(
-                    Fault(
-                        name=self.name,
-                        node=self.node,
-                        kind="table_missing",
-                        error=self._counters.last_error,
-                        at=trio.current_time(),
-                    )
-                )
+            self._report.fault(exc, "an election round", now)
         self._publish("failed")
 
     def _round_done(self, change: Change, now: float | None = None) -> None:
-        if self._faulty:
-            self._faulty = False
-            if self._leave_faults():
-                log.info(
-                    "trio-peers %s (%s): database reachable again%s",
-                    self.name,
-                    self.node,
-                    self._shared_log.note,
-                )
-        if self._table_missing_logged:
-            self._table_missing_logged = False
-            if self._shared_log.leave(self._table_key):
-                log.info("trio-peers %s: lease table found%s", self.name, self._shared_log.note)
+        self._report.round_ok()
         if change in (Change.GAINED, Change.REPLACED):
             self._counters.tenures_gained += 1
         if change is Change.BUSY:
             self._counters.elections_busy += 1
-            # Once per streak, not per retry. A follower's first busy rounds are most often
-            # another follower's election in the same instant (a handover race): worth a
-            # warning only when the row stays locked.
-            leading = self.is_leader
-            streak = self._core.busy_rounds
-            if streak == (1 if leading else _FOLLOWER_BUSY_WARN_AFTER):
-                log.warning(
-                    "trio-peers %s (%s): the lease row is locked by another transaction "
-                    "(a fenced write, or someone else); not waiting for it, retrying%s",
-                    self.name,
-                    self.node,
-                    "; leading until the current trust deadline" if leading else "",
-                )
-            elif streak == 1:
-                log.debug("trio-peers %s (%s): lease row busy; retrying", self.name, self.node)
+            self._report.busy(leading=self.is_leader, streak=self._core.busy_rounds)
         self._publish("lost" if change is Change.LOST else "trust expired", now)
 
     # ------------------------------------------------------------------ tasks
@@ -1015,12 +879,8 @@ class Peer(metaclass=NoPublicConstructor):
                 self._timer(trio.current_time())  # in the session's next batch, with others
             else:
                 self._resched.set()
-        if self._on_event is not None:
-            self._emit(
-                NotificationReceived(
-                    name=self.name, node=self.node, kind=kind, at=trio.current_time()
-                )
-            )
+        if self._report.events:
+            self._report.notification(kind, trio.current_time())
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1069,18 +929,9 @@ class Peer(metaclass=NoPublicConstructor):
         return released
 
     def _report_release(self, term: int, released: bool, started: float) -> None:
-        if self._on_event is not None:
+        if self._report.events:
             now = trio.current_time()
-            self._emit(
-                LeaseReleased(
-                    name=self.name,
-                    node=self.node,
-                    term=term,
-                    released=released,
-                    duration=now - started,
-                    at=now,
-                )
-            )
+            self._report.released(term, released, now - started, now)
 
     def _close_for_release(self) -> int | None:
         """The sync first half of a stop, for a session that releases many names in one
@@ -1185,9 +1036,7 @@ class Peer(metaclass=NoPublicConstructor):
             self._loop_scope.cancel()  # (already, unless the stop overran its bound)
             self._publish("closed")  # (already, unless the stop overran its bound)
             self._cell.close()
-            self._leave_faults()  # the sharers of its log log for themselves now
-            if self._table_missing_logged:
-                self._shared_log.leave(self._table_key)
+            self._report.close()  # the sharers of its log log for themselves now
             self._stopped.set()
 
     async def _close_connection(self) -> None:  # noqa: ASYNC910 - aclose awaits or raises
@@ -1203,18 +1052,6 @@ class Peer(metaclass=NoPublicConstructor):
                 conn.abort()
         if scope.cancelled_caught:
             conn.abort()
-
-
-def _fault_cause(exc: BaseException) -> tuple[str, str]:
-    """What kind of fault ``exc`` is, for logging each kind once per outage.
-
-    The driver's exception class when there is one (a refused connect, a read-only server,
-    a timeout); else the message (``connection lost``).
-    """
-    cause = exc.__cause__
-    if cause is not None:
-        return (type(exc).__name__, type(cause).__name__)
-    return (type(exc).__name__, str(exc))
 
 
 def _fn_name(fn: object) -> str:
