@@ -89,11 +89,11 @@ async def test_an_exit_whose_cleanup_raises_still_ends_the_block(
     and stop through the exit path; when that path raised (a backend's bug, a Ctrl-C
     during exit), the block never returned."""
 
-    async def broken_close(self: Peer) -> None:
-        await trio.lowlevel.checkpoint()
+    def broken_detach(self: Peer) -> None:
         raise error("cleanup failed")
 
-    monkeypatch.setattr(trio_peers._peer.Peer, "_close_connection", broken_close)
+    # (The exit's last step: it detaches the peer from the session's connection.)
+    monkeypatch.setattr(trio_peers._peer.Peer, "_drop_connection", broken_detach)
     backend = MemoryBackend()
     with trio.fail_after(60), pytest.raises(error, match="cleanup failed"):
         async with one_name(backend, form) as peer:

@@ -886,7 +886,7 @@ class Peer(metaclass=NoPublicConstructor):
 
     async def _serve(
         self,
-        open_connector: Callable[[], AbstractAsyncContextManager[NameConnector]],
+        attachment: AbstractAsyncContextManager[NameConnector],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -901,7 +901,7 @@ class Peer(metaclass=NoPublicConstructor):
         """
         try:
             with self._serve_scope:
-                async with open_connector() as connector, trio.open_nursery() as nursery:
+                async with attachment as connector, trio.open_nursery() as nursery:
                     self._connector = connector
                     self._nursery = self._work.nursery = nursery
                     try:
@@ -1020,13 +1020,15 @@ class Peer(metaclass=NoPublicConstructor):
                 self._publish("closed")  # cancels leader-only work; channels see the loss
                 work_stopped = await self._work.wait_stopped()
                 if term is not None and work_stopped:
-                    # Close right after. A pause here (so that followers elect before this
-                    # backend exits) cost every exit 5 ms; without it a handover's p95
-                    # grows a little on a loaded 2-core host (docs/performance.rst).
+                    # The session closes right after (open_peer's). A pause here (so that
+                    # followers elect before the server ends this backend) cost every exit
+                    # 5 ms; without it a handover's p95 grows a little on a loaded 2-core
+                    # host (docs/performance.rst).
                     await self._release(term)
                 elif was_leader:
                     log.info("trio-peers %s: %s stopped", self.name, self.node)
-                await self._close_connection()
+                # Detach from the session's connection (sync: the session closes it).
+                self._drop_connection()
             finally:
                 self._conn_lock.release()
             if not self._loop_done.is_set():  # (usually it is by now: no extra hop)
@@ -1038,20 +1040,6 @@ class Peer(metaclass=NoPublicConstructor):
             self._cell.close()
             self._report.close()  # the sharers of its log log for themselves now
             self._stopped.set()
-
-    async def _close_connection(self) -> None:  # noqa: ASYNC910 - aclose awaits or raises
-        conn, self._conn = self._conn, None
-        self._conn_gen += 1
-        if conn is None:
-            await trio.lowlevel.checkpoint()
-            return
-        with trio.move_on_after(self._config.cleanup_timeout) as scope:
-            try:
-                await conn.aclose()
-            except PeerError:
-                conn.abort()
-        if scope.cancelled_caught:
-            conn.abort()
 
 
 def _fn_name(fn: object) -> str:
@@ -1070,7 +1058,7 @@ def check_event_hook(on_event: object) -> None:
 
 @asynccontextmanager
 async def run_peer(
-    peer: Peer, open_connector: Callable[[], AbstractAsyncContextManager[NameConnector]]
+    peer: Peer, attachment: AbstractAsyncContextManager[NameConnector]
 ) -> AsyncIterator[Peer]:
     """Serve ``peer`` for the ``async with`` body: entry and exit as :func:`open_peer` says."""
     config = peer.config
@@ -1080,7 +1068,7 @@ async def run_peer(
     try:
         async with trio.open_nursery() as nursery:
             try:
-                await nursery.start(peer._serve, open_connector)
+                await nursery.start(peer._serve, attachment)
             except BaseException:
                 peer._serve_scope.cancel()  # (a KeyboardInterrupt can follow started())
                 raise
