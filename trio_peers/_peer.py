@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeVarTuple, Unpack
 import attrs
 import trio
 
-from ._backend import BackendConnection, LeaderInfo
+from ._backend import LeaderInfo
 from ._cell import LeadershipCell, LeadershipChannel
 from ._config import PeerConfig
 from ._core import (
@@ -62,11 +62,36 @@ if TYPE_CHECKING:
 log: Final = logging.getLogger("trio_peers")
 
 
+class NameConnection(Protocol):
+    """A peer's statements, sent in its session's batches (the peer never closes the
+    session's connection: it detaches with :meth:`abort`)."""
+
+    async def elect(
+        self, *, node: str, held_term: int | None, statement_timeout: float
+    ) -> ElectionOutcome:
+        """One election round of this name (:meth:`BackendConnection.elect`)."""
+        ...
+
+    async def release(
+        self, *, node: str, term: int, sender: str, statement_timeout: float
+    ) -> bool:
+        """Release tenure ``term`` of this name (:meth:`BackendConnection.release`)."""
+        ...
+
+    async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:
+        """The unexpired lease of this name, if any."""
+        ...
+
+    def abort(self) -> None:
+        """Detach from the session's connection. Sync; idempotent."""
+        ...
+
+
 class NameConnector(Protocol):
     """What a peer needs of its session: a connection for its name's statements (a
     session's per-name member, which sends them in the session's batches)."""
 
-    async def connect(self, *, on_lost: Callable[[], None]) -> BackendConnection:
+    async def connect(self, *, on_lost: Callable[[], None]) -> NameConnection:
         """Attach to the session's connection (connecting it if need be). ``on_lost()``
         is called (sync, never raising) if that connection drops while attached."""
         ...
@@ -177,7 +202,7 @@ class Peer(metaclass=NoPublicConstructor):
         self._statements = Statements(config.prefix, config.table)
         self._sender = sender if sender is not None else secrets.token_hex(8)
         self._connector: NameConnector | None = None
-        self._conn: BackendConnection | None = None
+        self._conn: NameConnection | None = None
         self._conn_gen = 0
         # A semaphore, not a Lock: a shared session's task takes it for an inline round
         # and its report releases it (a Lock belongs to the task that took it). Fair.
@@ -595,7 +620,7 @@ class Peer(metaclass=NoPublicConstructor):
 
         return on_lost
 
-    async def _ensure_connection(self) -> BackendConnection:
+    async def _ensure_connection(self) -> NameConnection:
         if self._conn is not None:
             # Hot path of every round: the caller awaits a statement right after.
             return self._conn  # noqa: ASYNC910
@@ -1047,7 +1072,8 @@ def _fn_name(fn: object) -> str:
 
 
 def _shutdown_bound(config: PeerConfig) -> float:
-    # leader-work grace + release + close, each bounded by cleanup_timeout, plus slack.
+    # leader-work grace and release, each bounded by cleanup_timeout, with a third one and a
+    # statement timeout of slack (the detach at the end takes no time).
     return 3 * config.cleanup_timeout + config.effective_statement_timeout + 1.0
 
 

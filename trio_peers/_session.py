@@ -48,7 +48,6 @@ import attrs
 import trio
 
 from ._backend import (
-    BackendConnection,
     ElectRequest,
     LeaderInfo,
     LeaseTable,
@@ -71,7 +70,7 @@ from ._exceptions import (
     TableMissing,
 )
 from ._one_name import OneNameBackend
-from ._peer import Peer, check_event_hook, run_peer
+from ._peer import NameConnection, Peer, check_event_hook, run_peer
 from ._sql import Statements, unlogged_warning
 from ._util import Deadlines, ErrorLog, NoPublicConstructor, SharedLog, raise_after_body
 
@@ -264,7 +263,7 @@ class _Member:
             peer._inline_round_done(self._inline_started, None, BackendUnavailable(repr(error)))
 
     # NameConnector (notifications come parsed from the session's listener: Peer._handle_down)
-    async def connect(self, *, on_lost: Callable[[], None]) -> BackendConnection:
+    async def connect(self, *, on_lost: Callable[[], None]) -> NameConnection:
         session = self.session
         if session._conn is None or self.table not in session._prepared:
             await session._submit(self, "connect", session._settings.connect_timeout)
@@ -272,7 +271,7 @@ class _Member:
         self.on_lost = on_lost
         return self  # noqa: ASYNC910 - connected already: the round's statement comes next
 
-    # BackendConnection
+    # NameConnection
     async def elect(
         self, *, node: str, held_term: int | None, statement_timeout: float
     ) -> ElectionOutcome:
@@ -318,11 +317,6 @@ class _Member:
         result = await self.session._submit(self, "leader", statement_timeout)
         assert result is None or isinstance(result, LeaderInfo)
         return result
-
-    async def aclose(self) -> None:  # noqa: ASYNC910
-        # Nothing to wait for (the connection is the session's), and each name leaving
-        # would pay a scheduler pass for a checkpoint here.
-        self.abort()
 
     def abort(self) -> None:
         # The connection is the session's: a peer that drops "its" connection detaches.

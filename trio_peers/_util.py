@@ -198,18 +198,18 @@ class ErrorLog:
         self._next_at = -math.inf
         self._suppressed = 0
 
-    def report(self, peer: str, where: str, exc: BaseException) -> None:
+    def report(self, who: str, where: str, exc: BaseException) -> None:
         now = time.monotonic()  # paces the log only; decides nothing
         if now < self._next_at:
             self._suppressed += 1
-            log.debug("trio-peers %s: unexpected error in %s again", peer, where, exc_info=exc)
+            log.debug("trio-peers %s: unexpected error in %s again", who, where, exc_info=exc)
             return
         suppressed, self._suppressed = self._suppressed, 0
         self._next_at = now + self._period
         log.error(
             "trio-peers %s: unexpected error in %s (%d more since the last report); stepping "
             "down and retrying. Please report this as a bug.",
-            peer,
+            who,
             where,
             suppressed,
             exc_info=exc,
