@@ -180,18 +180,21 @@ def main_rows(results: dict[str, Any]) -> list[Row]:
                 "",
             )
         )
-    st_t, st_a = results.get("statement/trio_asyncio"), results.get("statement/asyncio")
-    if st_t and st_a:
-        rows.append(
-            (
-                f"election statement p50, trio-asyncio vs plain asyncio (n={st_t['n']})",
-                _ms(st_t["p50"]),
-                _ms(st_a["p50"]) + " (asyncio)",
-                _ratio(st_t["p50"], st_a["p50"]),
-                "",
-                "",
+    for suffix, how in (("", "unpinned"), ("/pinned", "pinned to one CPU")):
+        st_t = results.get(f"statement/trio_asyncio{suffix}")
+        st_a = results.get(f"statement/asyncio{suffix}")
+        if st_t and st_a:
+            rows.append(
+                (
+                    f"election statement p50, trio-asyncio vs plain asyncio, {how} "
+                    f"(n={st_t['n']})",
+                    _ms(st_t["p50"]),
+                    _ms(st_a["p50"]) + " (asyncio)",
+                    _ratio(st_t["p50"], st_a["p50"]),
+                    "",
+                    "",
+                )
             )
-        )
     for peers in (2, 3, 5):
         fl = results.get(f"floor/{peers}") or (results.get("floor") if peers == 2 else None)
         if not fl or not fl.get("n"):

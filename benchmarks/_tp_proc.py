@@ -111,9 +111,12 @@ class TracedBackend:
 
     @asynccontextmanager
     async def _open(self, config: PeerConfig) -> AsyncIterator[BackendConnector]:
-        async with self._inner.open(config) as connector:
-            yield _TracedConnector(connector)
-        emit("backend_closed")
+        try:
+            async with self._inner.open(config) as connector:
+                yield _TracedConnector(connector)
+        finally:
+            # (Also when the session ends its backend's block by cancelling it.)
+            emit("backend_closed")
 
     def open(self, config: PeerConfig) -> AbstractAsyncContextManager[BackendConnector]:
         return self._open(config)

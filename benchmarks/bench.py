@@ -263,27 +263,70 @@ class Bench:
 
     def statements(self) -> None:
         self.phase("statement latency: trio-asyncio vs plain asyncio")
-        data: dict[str, list[float]] = {"trio_asyncio": [], "asyncio": []}
-        for _ in range(2):
-            for side, key in (("trio", "trio_asyncio"), ("asyncio", "asyncio")):
-                out = subprocess.run(
-                    [
-                        self.args.tp_python,
-                        str(BENCH / "_statements_proc.py"),
-                        side,
-                        self.tp_dsn,
-                        str(self.mode["statements"] // 2),
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    check=True,
-                    env={**os.environ, "PYTHONPATH": str(ROOT)},
-                )
-                data[key] += json.loads(out.stdout)
-        for key, values in data.items():
-            for v in values:
-                self.sample("statement", key, seconds=v)
-            self.results[f"statement/{key}"] = summarize(values)
+        # Unpinned, as a deployment runs; and pinned: each side's process and its server
+        # backend on one CPU. On a small VM a round trip between two CPUs costs a wake-up
+        # of a few hundred microseconds, and whether a connection's client and backend end
+        # up on one CPU or two is decided per connection by the kernel: unpinned, one
+        # process of a side can come out twice as fast as another, for either library.
+        # Pinned, both sides pay the same wake-ups, and the difference left is the CPU
+        # work that trio-asyncio adds (the overhead the target is about).
+        postmaster = self._postmaster_pid()
+        cpu: int | None = None
+        if postmaster is not None:
+            try:  # (moving another user's process takes root, or CAP_SYS_NICE)
+                os.sched_setaffinity(postmaster, os.sched_getaffinity(postmaster))
+                cpu = max(os.sched_getaffinity(0))
+            except PermissionError:
+                log("statement latency: cannot pin the server's processes; unpinned only")
+        for pinned in (False, True):
+            if pinned and cpu is None:
+                break
+            data: dict[str, list[float]] = {"trio_asyncio": [], "asyncio": []}
+            for _ in range(2):
+                for side, key in (("trio", "trio_asyncio"), ("asyncio", "asyncio")):
+                    data[key] += self._statement_block(side, cpu if pinned else None, postmaster)
+            suffix = "/pinned" if pinned else ""
+            for key, values in data.items():
+                for v in values:
+                    self.sample("statement", key, seconds=v, pinned=pinned)
+                self.results[f"statement/{key}{suffix}"] = summarize(values)
+
+    def _postmaster_pid(self) -> int | None:
+        """The server's postmaster, if it runs on this host (its data directory is here)."""
+        data = str(self.server.execute("SELECT current_setting('data_directory')")[0][0])
+        try:
+            pid = int(Path(data, "postmaster.pid").read_text().split()[0])
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if comm == "postgres" else None
+
+    def _statement_block(self, side: str, cpu: int | None, postmaster: int | None) -> list[float]:
+        """One side's block of statements; with ``cpu``, that process and the backends the
+        server forks meanwhile (the postmaster's affinity is inherited) run on it alone."""
+        saved = os.sched_getaffinity(postmaster) if cpu is not None and postmaster else None
+        try:
+            if cpu is not None and postmaster is not None:
+                os.sched_setaffinity(postmaster, {cpu})
+            out = subprocess.run(
+                [
+                    self.args.tp_python,
+                    str(BENCH / "_statements_proc.py"),
+                    side,
+                    self.tp_dsn,
+                    str(self.mode["statements"] // 2),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None,
+            )
+        finally:
+            if saved is not None and postmaster is not None:
+                os.sched_setaffinity(postmaster, saved)
+        values: list[float] = json.loads(out.stdout)
+        return values
 
     def floor(self, peers: int = 2) -> None:
         self.phase(f"floor: release + NOTIFY + election through plain asyncpg, {peers} processes")

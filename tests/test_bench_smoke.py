@@ -51,6 +51,13 @@ def test_bench_smoke_writes_complete_sane_results(tmp_path: Path) -> None:
         by_bench.setdefault(str(s["bench"]), []).append(s)
     assert set(by_bench) >= {"statement", "floor", "graceful", "crash", "idle", "herd", "scaling"}
 
+    statements = by_bench["statement"]
+    assert {s["lib"] for s in statements} == {"trio_asyncio", "asyncio"}
+    # Pinned too (client and backend on one CPU), where the benchmark may move the server's
+    # processes: root here and in CI.
+    pinned = {bool(s["pinned"]) for s in statements}
+    assert pinned == ({False, True} if os.geteuid() == 0 else {False})
+
     graceful = by_bench["graceful"]
     assert {s["peers"] for s in graceful} == {2, 3}
     for s in graceful:
@@ -82,6 +89,8 @@ def test_bench_smoke_writes_complete_sane_results(tmp_path: Path) -> None:
     assert "graceful handover, 3 processes, p50" in table
     assert "leaving time, session.open_peer, 3 processes, p50" in table
     assert "Many names in one process" in table
+    if os.geteuid() == 0:
+        assert "trio-asyncio vs plain asyncio, pinned to one CPU" in table
 
 
 def test_report_plots_from_samples(tmp_path: Path) -> None:
