@@ -315,3 +315,29 @@ async def test_a_peer_that_fails_after_entry_raises_its_error_not_a_cancellation
             raised = exc
     assert isinstance(raised, RuntimeError) and str(raised) == "loop bug", repr(raised)
     assert backend.leader("x") is None
+
+
+@pytest.mark.parametrize("in_flight", ["round", "get_leader"])
+@pytest.mark.parametrize("form", ["session", "open_peers", "open_peer"])
+async def test_a_resign_queued_behind_a_statement_is_still_released_by_an_exit(
+    autojump_clock: trio.testing.MockClock, form: str, in_flight: str
+) -> None:
+    """Regression: resign() while a statement held the peer's connection (its round, or a
+    get_leader()), then the block exits. The resign's release, queued for the connection,
+    took the term and then saw the peer closing and skipped it, and the stop found nothing
+    left to release: the lease stayed live for a whole interval, although resign() says
+    its release still completes and the exit promises to release."""
+    backend = MemoryBackend()
+    async with trio.open_nursery() as nursery:
+        async with one_name(backend, form) as peer:
+            await peer.wait_leader()
+            backend.statement_delay = 0.05
+            if in_flight == "get_leader":
+                nursery.start_soon(peer.get_leader)
+            # (Virtual time) until the statement holds the connection.
+            await wait_for(lambda: peer._conn_lock.value == 0, limit=3 * INTERVAL, poll=0.001)
+            with trio.move_on_after(0.001):  # the caller gives up waiting for the release
+                await peer.resign()
+            assert not peer.is_leader
+        assert backend.leader("x") is None  # released by the time the block has exited
+        nursery.cancel_scope.cancel()

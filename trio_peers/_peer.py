@@ -556,7 +556,9 @@ class Peer(metaclass=NoPublicConstructor):
                 return  # work ignores cancellation: no release while it runs (logged)
             async with self._conn_lock:  # after a round in flight (it completes the resign)
                 term = self._core.take_release()
-                if term is not None and not self._closing:
+                # Also when the peer is closing: the term is taken, so the stop (queued for
+                # the connection behind this) has nothing left to release.
+                if term is not None:
                     resignation.released = await self._release(term)
         finally:
             resignation.done.set()
