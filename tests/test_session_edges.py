@@ -341,3 +341,32 @@ async def test_a_resign_queued_behind_a_statement_is_still_released_by_an_exit(
             assert not peer.is_leader
         assert backend.leader("x") is None  # released by the time the block has exited
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("how", ["cancelled", "open_peers_with_a_name_already_open"])
+async def test_an_entry_that_never_ran_leaves_no_name_behind(
+    autojump_clock: trio.testing.MockClock, how: str
+) -> None:
+    """Regression: a name registers with its session at the call, and left it only when its
+    main task had entered it. An entry cancelled before that (a cancelled scope; or
+    open_peers, whose other names are cancelled when one cannot enter) left the name in the
+    session: it could not be opened again ("already open"), it showed in the session's
+    peers and statistics, and the session's exit waited out a whole stop bound for it."""
+    backend = MemoryBackend()
+    async with open_session("memory://", backend=backend, node="a") as session:
+        if how == "cancelled":
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                async with session.open_peer(name="x", interval=INTERVAL):
+                    pytest.fail("entered under a cancelled scope")
+        else:
+            async with session.open_peer(name="b", interval=INTERVAL):
+                with pytest.raises(ValueError, match="already open"):
+                    async with session.open_peers(["x", "b"], interval=INTERVAL):
+                        pytest.fail("entered with a name already open")
+        assert session.statistics().names == 0
+        assert not session.peers
+        async with session.open_peer(name="x", interval=INTERVAL) as again:
+            await again.wait_leader()
+        exit_started = trio.current_time()
+    assert trio.current_time() - exit_started < 1.0

@@ -946,6 +946,7 @@ class Peer(metaclass=NoPublicConstructor):
                         if nursery.child_tasks:
                             nursery.cancel_scope.cancel()
         finally:
+            self._loop_done.set()  # (also when the loop never ran: a stop waits for it)
             self._served.set()
 
     async def _release(self, term: int) -> bool:

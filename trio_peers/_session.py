@@ -193,10 +193,20 @@ class _Member:
     # of its own rather than a generator-based one: at 1,000 names leaving at once, those
     # cost a good share of the exit).
     async def __aenter__(self) -> _Member:
-        await trio.lowlevel.checkpoint()
+        try:
+            await trio.lowlevel.checkpoint()
+        except BaseException:
+            # Cancelled before the peer's task held the member (a cancelled scope, or
+            # open_peers giving up): the name was registered at the call; it leaves here,
+            # as __aexit__ (which will not run) would have it leave.
+            self._leave()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:  # noqa: ASYNC910 - sync cleanup
+        self._leave()
+
+    def _leave(self) -> None:
         self.abort()
         session = self.session
         session._timers.discard(self)
