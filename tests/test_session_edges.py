@@ -370,3 +370,66 @@ async def test_an_entry_that_never_ran_leaves_no_name_behind(
             await again.wait_leader()
         exit_started = trio.current_time()
     assert trio.current_time() - exit_started < 1.0
+
+
+class _HangingPrepare:
+    """MemoryBackend's sessions, except that preparing a table on the second connection
+    never answers (a LISTEN whose reply the network lost: asyncpg's has no timeout)."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.backend = backend
+        self.connects = 0
+
+    @asynccontextmanager
+    async def _open(self, settings: object) -> AsyncIterator[object]:
+        async with self.backend.open_session(settings) as connector:  # type: ignore[arg-type]
+            yield _HangingConnector(connector, self)
+
+    def open_session(self, settings: object) -> AbstractAsyncContextManager[object]:
+        return self._open(settings)
+
+
+class _HangingConnector:
+    def __init__(self, inner: object, owner: _HangingPrepare) -> None:
+        self._inner = inner
+        self._owner = owner
+
+    async def connect(self, **callbacks: object) -> object:
+        conn = await self._inner.connect(**callbacks)  # type: ignore[attr-defined]
+        self._owner.connects += 1
+        return _HangingConnection(conn, hang=self._owner.connects == 2)
+
+
+class _HangingConnection:
+    def __init__(self, inner: object, *, hang: bool) -> None:
+        self._inner = inner
+        self._hang = hang
+
+    async def prepare(self, table: LeaseTable, *, statement_timeout: float) -> bool:
+        if self._hang:
+            await trio.sleep_forever()
+        prepared: bool = await self._inner.prepare(  # type: ignore[attr-defined]
+            table, statement_timeout=statement_timeout
+        )
+        return prepared
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+async def test_a_table_preparation_that_never_answers_costs_one_connection_not_the_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: preparing a table (its check, statements and LISTEN) after a reconnect
+    ran outside the statement bound, so one that never answered held the session's batcher
+    for good: every name of the session stayed follower until the kernel gave up on the
+    connection, minutes later. It is now bounded: the connection is dropped and replaced."""
+    backend = _HangingPrepare(MemoryBackend())
+    async with (
+        open_session("memory://", backend=backend, node="a") as session,  # type: ignore[arg-type]
+        session.open_peer(name="x", interval=INTERVAL) as peer,
+    ):
+        await peer.wait_leader()
+        backend.backend.kill_connections()  # a server restart: the session reconnects
+        with trio.fail_after(5 * INTERVAL):
+            await wait_for(lambda: backend.connects >= 3 and peer.is_leader, limit=5 * INTERVAL)

@@ -746,7 +746,11 @@ class PeerSession(metaclass=NoPublicConstructor):
         limit = min(self.statement_timeout, *(r.statement_timeout for r in requests))
         limit = max(limit, 0.001)
         if table not in self._prepared:
-            unlogged = await conn.prepare(table, statement_timeout=limit)
+            # A few statements and a LISTEN (asyncpg's has no timeout of its own): bounded
+            # as two statements, so that one that never answers costs this connection (a
+            # TooSlowError drops it), not every name of the session for good.
+            with trio.fail_after(2 * limit + 0.5):
+                unlogged = await conn.prepare(table, statement_timeout=limit)
             self._prepared.add(table)
             if unlogged and table not in self._unlogged_warned:
                 self._unlogged_warned.add(table)
