@@ -4,6 +4,8 @@ go wrong (found by reviewing the inline rounds; each test failed before its fix)
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -18,6 +20,7 @@ from trio_peers._core import ElectionOutcome
 from trio_peers.testing import MemoryBackend, _memory
 
 from ._pgutil import wait_for
+from .test_cli import cli_env
 
 INTERVAL = 2.0
 
@@ -433,3 +436,57 @@ async def test_a_table_preparation_that_never_answers_costs_one_connection_not_t
         backend.backend.kill_connections()  # a server restart: the session reconnects
         with trio.fail_after(5 * INTERVAL):
             await wait_for(lambda: backend.connects >= 3 and peer.is_leader, limit=5 * INTERVAL)
+
+
+
+_CTRL_C_DURING_RELEASES = """
+import os, signal, sys, threading
+import trio
+from trio_peers import open_session
+from trio_peers.testing import MemoryBackend
+
+async def main(form):
+    backend = MemoryBackend()
+    async with trio.open_nursery() as outer:
+        async with open_session("memory://", backend=backend, node="a") as session:
+            if form == "open_peers":
+                async with session.open_peers(["x", "y"], interval=2.0) as peers:
+                    await peers["x"].wait_leader()
+                    backend.statement_delay = 0.5  # the exit's release statement
+                    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+            else:
+                # A name opened by a task outside the session's block: the session's exit
+                # releases it.
+                async def hold(*, task_status):
+                    async with session.open_peer(name="x", interval=2.0) as peer:
+                        await peer.wait_leader()
+                        task_status.started()
+                        await trio.sleep_forever()
+
+                await outer.start(hold)
+                backend.statement_delay = 0.5
+                threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        outer.cancel_scope.cancel()
+
+trio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("form", ["open_peers", "session"])
+def test_a_ctrl_c_while_a_session_releases_its_names_still_ends_the_process(form: str) -> None:
+    """Regression: a KeyboardInterrupt reaches the main task even in a shielded scope. One
+    that came while a session's exit released its names (open_peers' block, or the session's
+    own exit with a name still open) skipped what came after it in the same finally:
+    stopping the peers, ending the session's task. Both are shielded, so the block never
+    returned, and each further Ctrl-C only joined the nursery's errors: only SIGKILL ended
+    the process. (A real SIGINT, in a process of its own.)"""
+    proc = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_DURING_RELEASES, form],
+        capture_output=True,
+        text=True,
+        timeout=30,  # without the fix: a hang, and TimeoutExpired
+        check=False,
+        env=cli_env(),
+    )
+    assert proc.returncode != 0
+    assert "KeyboardInterrupt" in proc.stderr, proc.stderr[-2000:]

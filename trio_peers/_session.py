@@ -485,14 +485,17 @@ class PeerSession(metaclass=NoPublicConstructor):
                 except BaseException as exc:
                     body_error = exc
                 finally:
-                    with trio.move_on_after(self._cleanup_timeout, shield=True):
-                        mine = set(peers.values())
-                        await self._release_first(
-                            [m for m in self._members.values() if m.peer in mine]
-                        )
-                    # Each peer's task stops it (each bounded as a peer's stop is).
-                    for peer in peers.values():
-                        peer._request_stop()
+                    try:
+                        with trio.move_on_after(self._cleanup_timeout, shield=True):
+                            mine = set(peers.values())
+                            await self._release_first(
+                                [m for m in self._members.values() if m.peer in mine]
+                            )
+                    finally:
+                        # Each peer's task stops it (each bounded as a peer's stop is); also
+                        # after a KeyboardInterrupt above: the peers are shielded.
+                        for peer in peers.values():
+                            peer._request_stop()
         except BaseExceptionGroup as group:
             raise_after_body(group, body_error)
         if body_error is not None:
@@ -1082,10 +1085,14 @@ async def _serve_session(
             except BaseException as exc:
                 body_error = exc
             finally:
-                with trio.move_on_after(3 * session._cleanup_timeout + 1.0, shield=True):
-                    await session._stop_members()
-                session._serve_scope.cancel()
-                nursery.cancel_scope.cancel()
+                try:
+                    with trio.move_on_after(3 * session._cleanup_timeout + 1.0, shield=True):
+                        await session._stop_members()
+                finally:
+                    # Also after a KeyboardInterrupt there (it reaches a shielded scope too):
+                    # the session's task is shielded, and without this the block never ends.
+                    session._serve_scope.cancel()
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise_after_body(group, body_error)
     if body_error is not None:
