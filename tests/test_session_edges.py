@@ -490,3 +490,33 @@ def test_a_ctrl_c_while_a_session_releases_its_names_still_ends_the_process(form
     )
     assert proc.returncode != 0
     assert "KeyboardInterrupt" in proc.stderr, proc.stderr[-2000:]
+
+
+async def test_a_second_request_of_one_name_in_a_batch_waits_for_the_next_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: a batch runs one request per name (PostgreSQL cannot update a row twice
+    in one statement) and puts a later one of the same name back in the queue for the next
+    batch. The batch's own cleanup then failed that request as unanswered ("the session is
+    closed"), although it was queued, and its statement still ran in the next batch. (No
+    public path sends two at once, a peer runs one statement at a time; this holds the
+    session to its contract.)"""
+    backend = MemoryBackend()
+    async with (
+        open_session("memory://", backend=backend, node="a") as session,
+        session.open_peer(name="x", interval=INTERVAL) as peer,
+    ):
+        await peer.wait_leader()
+        (member,) = session._members.values()
+        results: list[object] = []
+
+        async def read() -> None:
+            try:
+                results.append(await member.get_leader(statement_timeout=0.5))
+            except Exception as exc:
+                results.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            nursery.start_soon(read)
+        assert [getattr(r, "node", r) for r in results] == ["a", "a"]

@@ -635,7 +635,8 @@ class PeerSession(metaclass=NoPublicConstructor):
                 # Cancelled (the session ends) or crashed mid-batch: no request of it may
                 # stay unanswered (an inline round would hold its peer's lock).
                 for request in batch:
-                    if not request.finished:
+                    # (Not one put back in the queue for the next batch: the queue's own.)
+                    if not request.finished and request.sent:
                         request.finish(error=BackendUnavailable("the session is closed"))
                 # Let go of the batch now, not when the next one replaces it a round later:
                 # kept, its requests and outcomes (one per name) would outlive the
