@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 import trio_peers._peer
-from trio_peers import Peer, PeerConfig, open_peer, open_session
+from trio_peers import Peer, PeerConfig, PeerSession, open_peer, open_session
 from trio_peers._backend import ElectRequest, LeaseTable
 from trio_peers._core import ElectionOutcome
 from trio_peers.testing import MemoryBackend, _memory
@@ -520,3 +520,39 @@ async def test_a_second_request_of_one_name_in_a_batch_waits_for_the_next_batch(
             nursery.start_soon(read)
             nursery.start_soon(read)
         assert [getattr(r, "node", r) for r in results] == ["a", "a"]
+
+
+async def test_a_name_cannot_join_a_session_whose_exit_has_begun(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: the session's exit stops the names open when it begins; a name opened
+    meanwhile (from a task outside the session's block) was accepted, never stopped by it,
+    and a lease it won then was left to lapse. Joining is refused once the exit has begun."""
+    backend = MemoryBackend()
+    leaving = trio.Event()
+    refused: list[BaseException] = []
+
+    async def hold(session: PeerSession, *, task_status: trio.TaskStatus[None]) -> None:
+        async with session.open_peer(name="held", interval=INTERVAL) as peer:
+            await peer.wait_leader()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def join_late(session: PeerSession) -> None:
+        await leaving.wait()
+        await trio.sleep(0.01)  # the exit is releasing "held" (its statement takes 50 ms)
+        try:
+            async with session.open_peer(name="late", interval=INTERVAL):
+                pass
+        except trio.ClosedResourceError as exc:
+            refused.append(exc)
+
+    async with trio.open_nursery() as outer:
+        async with open_session("memory://", backend=backend, node="a") as session:
+            await outer.start(hold, session)
+            outer.start_soon(join_late, session)
+            backend.statement_delay = 0.05
+            leaving.set()
+        outer.cancel_scope.cancel()
+    assert refused, "a name joined a session that was already stopping its names"
+    assert backend.leader("late") is None

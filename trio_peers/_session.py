@@ -375,6 +375,7 @@ class PeerSession(metaclass=NoPublicConstructor):
         self._watches: Deadlines[_Member] = Deadlines()  # each leader's trust deadline
         self._watches_changed = trio.Event()
         self._closed = False
+        self._stopping = False  # the session's exit has begun: no new names
         # Faults of the connection (and of a table) are logged once for all of the names.
         self._log = SharedLog(" (said once for all of this session's names)")
         self._unexpected = ErrorLog()  # a batch's unexpected errors (bugs): rate-limited
@@ -438,6 +439,8 @@ class PeerSession(metaclass=NoPublicConstructor):
         Raises:
           TypeError, ValueError: a bad option (naming it), at the call, before any I/O.
           ValueError: ``name`` is already open in this session for the same table.
+          trio.ClosedResourceError: the session is closed, or its exit has begun (it
+            stops the names it finds then; a name joining later would be left running).
         """
         config = self._config_for(name, options)
         return self._join(config)
@@ -541,7 +544,9 @@ class PeerSession(metaclass=NoPublicConstructor):
 
     def _add(self, config: PeerConfig) -> tuple[Peer, _Member]:
         """A new name of the session: its peer, and the member its main task enters."""
-        if self._closed:
+        if self._closed or self._stopping:
+            # (Once the exit has begun it stops the names it found; a later one would be
+            # left running, and a lease it won left to lapse.)
             raise trio.ClosedResourceError("the session is closed")
         key = (LeaseTable(config.prefix, config.table), config.name)
         if key in self._members:
@@ -931,6 +936,7 @@ class PeerSession(metaclass=NoPublicConstructor):
     async def _stop_members(self) -> None:
         """Stop the peers still open when the session ends, all at once: their releases
         run as one statement per table."""
+        self._stopping = True
         members = list(self._members.values())
         await self._release_first(members)
         peers = [m.peer for m in members if m.peer is not None]
