@@ -556,3 +556,66 @@ async def test_a_name_cannot_join_a_session_whose_exit_has_begun(
         outer.cancel_scope.cancel()
     assert refused, "a name joined a session that was already stopping its names"
     assert backend.leader("late") is None
+
+
+class _SlowConnect:
+    """MemoryBackend's sessions, with a connect that takes 0.1 s and finishes even when
+    cancelled (as a driver's connect can, racing the cancellation); records every
+    connection it made and whether it was closed."""
+
+    def __init__(self, backend: MemoryBackend) -> None:
+        self.backend = backend
+        self.connections: list[_Recorded] = []
+
+    @asynccontextmanager
+    async def _open(self, settings: object) -> AsyncIterator[object]:
+        async with self.backend.open_session(settings) as connector:  # type: ignore[arg-type]
+            yield _SlowConnector(connector, self)
+
+    def open_session(self, settings: object) -> AbstractAsyncContextManager[object]:
+        return self._open(settings)
+
+
+class _SlowConnector:
+    def __init__(self, inner: object, owner: _SlowConnect) -> None:
+        self._inner = inner
+        self._owner = owner
+
+    async def connect(self, **callbacks: object) -> object:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(0.1)
+            conn = _Recorded(await self._inner.connect(**callbacks))  # type: ignore[attr-defined]
+        self._owner.connections.append(conn)
+        return conn
+
+
+class _Recorded:
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self._inner.aclose()  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        self.closed = True
+        self._inner.abort()  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+async def test_a_connection_that_opens_while_the_session_closes_is_closed_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: a session that ended while its connection was being opened closed no
+    connection (it had none yet); the connect then finished, and that connection stayed
+    open, with nobody left to close it."""
+    backend = _SlowConnect(MemoryBackend())
+    async with open_session("memory://", backend=backend, node="a") as session:  # type: ignore[arg-type]
+        with trio.move_on_after(0.05):  # the first round's connect is in flight
+            async with session.open_peer(name="x", interval=INTERVAL):
+                pass
+    assert backend.connections, "the connect never finished"
+    assert all(conn.closed for conn in backend.connections)

@@ -828,6 +828,11 @@ class PeerSession(metaclass=NoPublicConstructor):
             conn = await self._connector.connect(
                 on_notification=self._on_notification, on_lost=self._make_on_lost(gen)
             )
+        if self._closed:
+            # The session closed while this connect was in flight (and finished anyway): it
+            # closed no connection then, so this one is closed here.
+            conn.abort()
+            raise BackendUnavailable("the session is closed")
         self._conn_gen = gen
         self._conn = conn
         self._prepared = set()
