@@ -438,7 +438,6 @@ async def test_a_table_preparation_that_never_answers_costs_one_connection_not_t
             await wait_for(lambda: backend.connects >= 3 and peer.is_leader, limit=5 * INTERVAL)
 
 
-
 _CTRL_C_DURING_RELEASES = """
 import os, signal, sys, threading
 import trio

@@ -173,3 +173,48 @@ async def test_leaving_writes_the_release_before_publishing_the_losses(
                 assert all(peer.is_leader for peer in peers.values())
                 watching.append(True)
         assert release_written_at_first_loss == [True]
+
+
+async def test_a_table_whose_statements_the_server_refuses_fails_only_its_names(
+    pg_dsn: str,
+) -> None:
+    """Regression: an error the server raised for one table's statement (here a trigger of
+    the user's; a constraint, a serialization failure) was taken for a lost connection: the
+    session dropped its one connection, and every name of every table lost its trust with
+    it, at each of that table's rounds. Only that table's names fail now; the connection
+    and the other names stay."""
+    await migrate(pg_dsn)
+    await migrate(pg_dsn, table="refusing")
+    async with open_sql(pg_dsn) as sql:
+        await sql.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused by a trigger'; END $$"
+        )
+        await sql.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON refusing "
+            "FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+        async with open_session(pg_dsn, node="a") as session:
+            async with (
+                session.open_peer(name="cron", interval=INTERVAL) as cron,
+                session.open_peer(name="job", interval=INTERVAL, table="refusing") as bad,
+            ):
+                assert cron.is_leader
+                assert not bad.is_leader
+                assert "refused by a trigger" in (bad.statistics().last_error or "")
+                changes = cron.leadership()
+                lost = trio.Event()
+
+                async def watch() -> None:
+                    async for change in changes:
+                        if not change.is_leader:
+                            lost.set()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch)
+                    await trio.sleep(3 * INTERVAL)  # the refused table's rounds go on failing
+                    nursery.cancel_scope.cancel()
+                assert not lost.is_set()
+                assert cron.is_leader and not bad.is_leader
+                assert cron.statistics().elections_failed == 0
+                assert session.statistics().connects == 1

@@ -51,6 +51,7 @@ from ._exceptions import (
     BackendUnavailable,
     SchemaError,
     ServerBehind,
+    StatementRefused,
     TableMissing,
     TenureLost,
 )
@@ -132,9 +133,10 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
             raise BackendUnavailable("timed out") from exc
         raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
     except asyncpg.PostgresError as exc:
-        # Anything else the server says (serialization failure, deadlock, ...)
-        # is worth a retry; the peer steps down meanwhile.
-        raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        # Anything else the server says (serialization failure, deadlock, a trigger's
+        # error, ...) is worth a retry; the peer steps down meanwhile. The connection is
+        # fine (the statement's implicit transaction rolled back): a session keeps it.
+        raise StatementRefused(f"{type(exc).__name__}: {exc}") from exc
     except ValueError as exc:
         if connecting:  # asyncpg rejects a malformed DSN with ValueError
             raise BackendMisconfigured(f"invalid DSN: {exc}") from exc

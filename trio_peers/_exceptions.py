@@ -30,6 +30,16 @@ class ServerBehind(BackendUnavailable):
     """
 
 
+class StatementRefused(BackendUnavailable):
+    """The server refused one statement with an error of its own (a trigger, a constraint,
+    a serialization failure), not of the connection, which is still usable.
+
+    Transient, as :exc:`BackendUnavailable` is (a peer steps down and retries), but a
+    session fails only the names of that statement's table and keeps its connection and
+    its other names. Internal: the asyncpg backend raises it; not exported.
+    """
+
+
 class BackendMisconfigured(PeerError):
     """A permanent problem that retrying cannot fix.
 

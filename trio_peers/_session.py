@@ -67,6 +67,7 @@ from ._exceptions import (
     BackendUnavailable,
     PeerError,
     SchemaError,
+    StatementRefused,
     TableMissing,
 )
 from ._one_name import OneNameBackend
@@ -728,6 +729,14 @@ class PeerSession(metaclass=NoPublicConstructor):
                 await self._run_group(conn, table, requests)
             except (TableMissing, SchemaError, BackendMisconfigured) as exc:
                 # This table's problem: its names fail, the connection stays.
+                self._prepared.discard(table)
+                for request in requests:
+                    request.finish(error=_copy_error(exc))
+            except StatementRefused as exc:
+                # The server refused this table's statement; the connection is fine: this
+                # table's names fail, every other name keeps its round and its trust. The
+                # table is checked again before its next statement (an altered table then
+                # shows as the SchemaError it is, as on a new connection).
                 self._prepared.discard(table)
                 for request in requests:
                     request.finish(error=_copy_error(exc))
