@@ -381,6 +381,7 @@ class PeerSession(metaclass=NoPublicConstructor):
         self._log = SharedLog(" (said once for all of this session's names)")
         self._unexpected = ErrorLog()  # a batch's unexpected errors (bugs): rate-limited
         self._nursery: trio.Nursery | None = None
+        self._helpers_scope = trio.CancelScope()
         self._serve_scope = trio.CancelScope(shield=True)
         self._connects = 0
         self._batches = 0
@@ -590,6 +591,12 @@ class PeerSession(metaclass=NoPublicConstructor):
             # its connection lock), so the statement runs in the caller's task, as on a
             # connection of the peer's own: no hop to the batcher task and back.
             request.sent = True
+            peer = member.peer
+            if kind == "release" and peer is not None and peer._stop_started:
+                # The peer's last statement (its trust has ended, it runs no more rounds):
+                # the session's other tasks end now, while the statement is at the server,
+                # rather than after it, when a follower's election needs the CPU.
+                self._helpers_scope.cancel()
             await self._run_batch([request])
             if request.error is not None:
                 raise request.error
@@ -936,9 +943,7 @@ class PeerSession(metaclass=NoPublicConstructor):
             ):
                 self._connector = connector
                 self._nursery = nursery
-                await nursery.start(self._batcher)
-                await nursery.start(self._listener)
-                await nursery.start(self._watchdog)
+                await nursery.start(self._helpers)
                 task_status.started()
                 try:
                     await trio.sleep_forever()
@@ -946,6 +951,16 @@ class PeerSession(metaclass=NoPublicConstructor):
                     with trio.move_on_after(self._cleanup_timeout, shield=True):
                         await self._close()
                     nursery.cancel_scope.cancel()
+
+    async def _helpers(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """The batcher, the listener and the watchdog, in a scope of their own: open_peer's
+        session ends them while its peer's release is at the server (:meth:`_submit`)."""
+        with self._helpers_scope:
+            async with trio.open_nursery() as helpers:
+                await helpers.start(self._batcher)
+                await helpers.start(self._listener)
+                await helpers.start(self._watchdog)
+                task_status.started()
 
     async def _stop_members(self) -> None:
         """Stop the peers still open when the session ends, all at once: their releases
