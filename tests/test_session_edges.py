@@ -444,6 +444,10 @@ import trio
 from trio_peers import open_session
 from trio_peers.testing import MemoryBackend
 
+# A process started in the background inherits SIGINT ignored (CI's may be): Python then
+# never raises KeyboardInterrupt. Restore the default, as an interactive program has it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 async def main(form):
     backend = MemoryBackend()
     async with trio.open_nursery() as outer:
