@@ -6,8 +6,9 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -375,32 +376,46 @@ async def test_an_entry_that_never_ran_leaves_no_name_behind(
     assert trio.current_time() - exit_started < 1.0
 
 
-class _HangingPrepare:
-    """MemoryBackend's sessions, except that preparing a table on the second connection
-    never answers (a LISTEN whose reply the network lost: asyncpg's has no timeout)."""
+class _Sessions:
+    """MemoryBackend's sessions, each connection made by ``connect(inner_connector,
+    **callbacks)``: a test's wrapper around the connect, the connection, or both. Every
+    connection made is recorded, in order."""
 
-    def __init__(self, backend: MemoryBackend) -> None:
-        self.backend = backend
-        self.connects = 0
+    def __init__(self, connect: Callable[..., Awaitable[object]]) -> None:
+        self.backend = MemoryBackend()
+        self.connections: list[object] = []
+        self._connect = connect
 
     @asynccontextmanager
     async def _open(self, settings: object) -> AsyncIterator[object]:
         async with self.backend.open_session(settings) as connector:  # type: ignore[arg-type]
-            yield _HangingConnector(connector, self)
+            yield _SessionsConnector(connector, self)
 
     def open_session(self, settings: object) -> AbstractAsyncContextManager[object]:
         return self._open(settings)
 
 
-class _HangingConnector:
-    def __init__(self, inner: object, owner: _HangingPrepare) -> None:
+class _SessionsConnector:
+    def __init__(self, inner: object, owner: _Sessions) -> None:
         self._inner = inner
         self._owner = owner
 
     async def connect(self, **callbacks: object) -> object:
-        conn = await self._inner.connect(**callbacks)  # type: ignore[attr-defined]
-        self._owner.connects += 1
-        return _HangingConnection(conn, hang=self._owner.connects == 2)
+        conn = await self._owner._connect(self._inner, **callbacks)
+        self._owner.connections.append(conn)
+        return conn
+
+
+def _hanging_prepare() -> _Sessions:
+    """Sessions whose second connection never answers the preparation of a table (a
+    LISTEN whose reply the network lost: asyncpg's has no timeout)."""
+
+    async def connect(inner: Any, **callbacks: object) -> object:
+        conn = await inner.connect(**callbacks)
+        return _HangingConnection(conn, hang=len(sessions.connections) == 1)
+
+    sessions = _Sessions(connect)
+    return sessions
 
 
 class _HangingConnection:
@@ -427,7 +442,7 @@ async def test_a_table_preparation_that_never_answers_costs_one_connection_not_t
     ran outside the statement bound, so one that never answered held the session's batcher
     for good: every name of the session stayed follower until the kernel gave up on the
     connection, minutes later. It is now bounded: the connection is dropped and replaced."""
-    backend = _HangingPrepare(MemoryBackend())
+    backend = _hanging_prepare()
     async with (
         open_session("memory://", backend=backend, node="a") as session,  # type: ignore[arg-type]
         session.open_peer(name="x", interval=INTERVAL) as peer,
@@ -435,7 +450,9 @@ async def test_a_table_preparation_that_never_answers_costs_one_connection_not_t
         await peer.wait_leader()
         backend.backend.kill_connections()  # a server restart: the session reconnects
         with trio.fail_after(5 * INTERVAL):
-            await wait_for(lambda: backend.connects >= 3 and peer.is_leader, limit=5 * INTERVAL)
+            await wait_for(
+                lambda: len(backend.connections) >= 3 and peer.is_leader, limit=5 * INTERVAL
+            )
 
 
 _CTRL_C_DURING_RELEASES = """
@@ -561,35 +578,17 @@ async def test_a_name_cannot_join_a_session_whose_exit_has_begun(
     assert backend.leader("late") is None
 
 
-class _SlowConnect:
-    """MemoryBackend's sessions, with a connect that takes 0.1 s and finishes even when
-    cancelled (as a driver's connect can, racing the cancellation); records every
-    connection it made and whether it was closed."""
+def _slow_connect() -> _Sessions:
+    """Sessions whose connect takes 0.1 s and finishes even when cancelled (as a driver's
+    connect can, racing the cancellation), each connection recording whether it was
+    closed."""
 
-    def __init__(self, backend: MemoryBackend) -> None:
-        self.backend = backend
-        self.connections: list[_Recorded] = []
-
-    @asynccontextmanager
-    async def _open(self, settings: object) -> AsyncIterator[object]:
-        async with self.backend.open_session(settings) as connector:  # type: ignore[arg-type]
-            yield _SlowConnector(connector, self)
-
-    def open_session(self, settings: object) -> AbstractAsyncContextManager[object]:
-        return self._open(settings)
-
-
-class _SlowConnector:
-    def __init__(self, inner: object, owner: _SlowConnect) -> None:
-        self._inner = inner
-        self._owner = owner
-
-    async def connect(self, **callbacks: object) -> object:
+    async def connect(inner: Any, **callbacks: object) -> object:
         with trio.CancelScope(shield=True):
             await trio.sleep(0.1)
-            conn = _Recorded(await self._inner.connect(**callbacks))  # type: ignore[attr-defined]
-        self._owner.connections.append(conn)
-        return conn
+            return _Recorded(await inner.connect(**callbacks))
+
+    return _Sessions(connect)
 
 
 class _Recorded:
@@ -615,10 +614,10 @@ async def test_a_connection_that_opens_while_the_session_closes_is_closed_too(
     """Regression: a session that ended while its connection was being opened closed no
     connection (it had none yet); the connect then finished, and that connection stayed
     open, with nobody left to close it."""
-    backend = _SlowConnect(MemoryBackend())
+    backend = _slow_connect()
     async with open_session("memory://", backend=backend, node="a") as session:  # type: ignore[arg-type]
         with trio.move_on_after(0.05):  # the first round's connect is in flight
             async with session.open_peer(name="x", interval=INTERVAL):
                 pass
     assert backend.connections, "the connect never finished"
-    assert all(conn.closed for conn in backend.connections)
+    assert all(isinstance(c, _Recorded) and c.closed for c in backend.connections)

@@ -148,22 +148,6 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
         raise BackendUnavailable(f"asyncio task cancelled inside the driver: {exc!r}") from exc
 
 
-def hang_up(conn: Connection) -> None:
-    """Close ``conn`` the way libpq's ``PQfinish`` does: send Terminate, drop the socket.
-
-    That is asyncpg's ``terminate()``: its protocol writes the Terminate message, then
-    aborts the transport. asyncpg's ``close()`` also sends Terminate, but then waits until
-    the server has hung up, which is the server process's exit: 2-3 ms on every peer's
-    exit on an idle 2-core host, and more under load (docs/performance.rst). Nothing needs
-    that wait: no statement is in flight when a peer closes its connection, the lease is
-    already released, and the server ends the session cleanly on the Terminate. (An
-    earlier version wrote a Terminate of its own first: a second one, and one more write,
-    a system call of a few hundred microseconds on a small VM, in every exit.) Sync and
-    never blocks.
-    """
-    conn.terminate()
-
-
 def _log_asyncio_error(loop: object, context: Mapping[str, object]) -> None:
     """asyncio-flavoured loop exception handler: log, never re-raise (pitfall P9).
 
@@ -595,7 +579,13 @@ class AsyncpgConnection:
             return await _aio(_aio_fetch_position, self._loop)(self._conn, statement_timeout)
 
     async def aclose(self) -> None:
-        hang_up(self._conn)
+        # asyncpg's terminate() is libpq's PQfinish: it writes Terminate, then drops the
+        # socket. close() also sends Terminate but then waits for the server to hang up,
+        # which is the server process's exit: 2-3 ms on every exit of an idle 2-core host,
+        # more under load (docs/performance.rst). Nothing needs that wait: no statement is
+        # in flight, the lease is released, and the server ends the session cleanly on the
+        # Terminate. (So closing and aborting are the same here.)
+        self._conn.terminate()
         await trio.lowlevel.checkpoint()
 
     def abort(self) -> None:
@@ -896,7 +886,7 @@ class AsyncpgSessionConnection:
         return {row["name"]: _leader_info(row) for row in rows}
 
     async def aclose(self) -> None:
-        hang_up(self._conn)
+        self._conn.terminate()  # as AsyncpgConnection.aclose: Terminate, no wait
         await trio.lowlevel.checkpoint()
 
     def abort(self) -> None:

@@ -380,7 +380,6 @@ class PeerSession(metaclass=NoPublicConstructor):
         # Faults of the connection (and of a table) are logged once for all of the names.
         self._log = SharedLog(" (said once for all of this session's names)")
         self._unexpected = ErrorLog()  # a batch's unexpected errors (bugs): rate-limited
-        self._nursery: trio.Nursery | None = None
         self._helpers_scope = trio.CancelScope()
         self._serve_scope = trio.CancelScope(shield=True)
         self._connects = 0
@@ -942,7 +941,6 @@ class PeerSession(metaclass=NoPublicConstructor):
                 trio.open_nursery() as nursery,
             ):
                 self._connector = connector
-                self._nursery = nursery
                 await nursery.start(self._helpers)
                 task_status.started()
                 try:
