@@ -173,6 +173,11 @@ class Store:
                 "SELECT 1 FROM trio_peers WHERE name = $1 FOR UPDATE", name
             )
             yield
+            # Ended by the server before it answers: the lock is gone when the block ends.
+            # (A terminate() alone left it to the server process's exit, which a loaded
+            # host may run after the test's next statement: a renewal then still found the
+            # row locked, and came back busy.)
+            await self._aio(locker.execute)("ROLLBACK")
         finally:
             locker.terminate()
 
