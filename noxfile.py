@@ -74,7 +74,8 @@ def tests(session: nox.Session) -> None:
     """The whole test suite, PostgreSQL tests included, under coverage."""
     session.install(".[test]")
     session.run("coverage", "erase")
-    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    # The slowest tests are printed at the end, to keep an eye on the suite's (and CI's) time.
+    session.run("coverage", "run", "-m", "pytest", "--durations=12", *session.posargs)
     session.run("coverage", "combine")
     session.run("coverage", "report")
 
@@ -209,12 +210,49 @@ except PostgresNotFound:
 """
 
 
+# What each variant of tests_variants runs (the tests session has run every PostgreSQL test
+# on the wheel's server already). On another server version: the tests whose outcome the
+# server decides (the statements, locks, notifications, replication and failover, the
+# server's settings); not the command line, demo, docs and benchmark tests, which run the
+# same statements through more processes and take half of the suite's time.
+SERVER_VERSION_TESTS = (
+    "tests/test_backend_contract.py",
+    "tests/test_backend_model_pg.py",
+    "tests/test_session_contract.py",
+    "tests/test_sql_writes.py",
+    "tests/test_sql_batch.py",
+    "tests/test_peer_postgres.py",
+    "tests/test_session_postgres.py",
+    "tests/test_fence_postgres.py",
+    "tests/test_failover_postgres.py",
+    "tests/test_multihost_postgres.py",
+    "tests/test_hostile_inputs.py",
+    "tests/test_harness.py",
+    "tests/test_harness_replication.py",
+)
+# Against a server that the harness did not start (TRIO_PEERS_TEST_DSN): the harness and the
+# pytest plugin in that mode, and the peers, sessions and command line on databases it makes
+# there (the tests that need a server of their own skip in this mode).
+EXTERNAL_SERVER_TESTS = (
+    "tests/test_harness.py",
+    "tests/test_pytest_plugin.py",
+    "tests/test_backend_contract.py",
+    "tests/test_peer_postgres.py",
+    "tests/test_session_postgres.py",
+    "tests/test_smoke_postgres.py",
+    "tests/test_cli.py",
+)
+
+
 @nox.session
 def tests_variants(session: nox.Session) -> None:
-    """The PostgreSQL tests twice more: on the machine's PostgreSQL (not the wheel's), and
-    against an already running server given by TRIO_PEERS_TEST_DSN."""
+    """The server-dependent PostgreSQL tests on the machine's PostgreSQL (not the wheel's),
+    and the harness, peer and command-line tests against an already running server given by
+    TRIO_PEERS_TEST_DSN. With arguments, each variant runs ``pytest -m postgres`` with them
+    instead of its own list."""
     session.install(".[test]")
-    pytest_args = ["-m", "postgres", *session.posargs]
+    version_args = ["-m", "postgres", *(session.posargs or SERVER_VERSION_TESTS)]
+    external_args = ["-m", "postgres", *(session.posargs or EXTERNAL_SERVER_TESTS)]
 
     # 1. The machine's binaries (e.g. Debian's PostgreSQL 15), if there are any.
     machine_only = {"TRIO_PEERS_PG_NO_EMBEDDED": "1"}
@@ -224,7 +262,7 @@ def tests_variants(session: nox.Session) -> None:
     bindir = found.strip() if isinstance(found, str) else ""
     if bindir:
         session.log(f"variant 1: PostgreSQL from {bindir}")
-        session.run("pytest", *pytest_args, env=machine_only)
+        session.run("pytest", *version_args, env=machine_only)
     else:
         session.warn("variant 1 skipped: no PostgreSQL installed on this machine")
 
@@ -242,7 +280,7 @@ def tests_variants(session: nox.Session) -> None:
         if not dsn:
             session.error("variant 2: could not start a PostgreSQL server (see above)")
         session.log(f"variant 2: TRIO_PEERS_TEST_DSN={dsn}")
-        session.run("pytest", *pytest_args, env={"TRIO_PEERS_TEST_DSN": dsn})
+        session.run("pytest", *external_args, env={"TRIO_PEERS_TEST_DSN": dsn})
     finally:
         _stop_server(server)
 

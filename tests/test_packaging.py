@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -22,16 +24,21 @@ def claimed_pythons() -> list[str]:
     )
 
 
-def nox_pythons() -> list[str]:
+def nox_constant(name: str) -> list[str]:
+    """The tuple that noxfile.py assigns to ``name``."""
     tree = ast.parse((ROOT / "noxfile.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "PYTHONS" for t in node.targets
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
         ):
             value = ast.literal_eval(node.value)
             assert isinstance(value, tuple)
             return list(value)
-    raise AssertionError("noxfile.py defines no PYTHONS")
+    raise AssertionError(f"noxfile.py defines no {name}")
+
+
+def nox_pythons() -> list[str]:
+    return nox_constant("PYTHONS")
 
 
 def test_classifiers_are_the_pythons_nox_tests() -> None:
@@ -67,3 +74,28 @@ def test_read_the_docs_builds_like_nox() -> None:
     assert re.search(r"extra_requirements:\s*\n\s*- otel\n", rtd)
     assert "fail_on_warning: true" in rtd
     assert "configuration: docs/conf.py" in rtd
+
+
+def test_the_nox_test_lists_name_postgres_test_modules() -> None:
+    """The lists of test modules that nox runs on other Pythons and servers name modules that
+    exist and hold PostgreSQL tests (a renamed module would otherwise drop out unseen)."""
+    lists = {
+        name: nox_constant(name)
+        for name in ("PEER_POSTGRES_TESTS", "SERVER_VERSION_TESTS", "EXTERNAL_SERVER_TESTS")
+    }
+    modules = sorted({m for listed in lists.values() for m in listed})
+    for name, listed in lists.items():
+        assert listed and len(set(listed)) == len(listed), name
+        for module in listed:
+            assert (ROOT / module).is_file(), f"{name} names {module}, which does not exist"
+    # pytest's own selection: `-m postgres` keeps at least one test of each module.
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "postgres", *modules],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    selected = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
+    assert not set(modules) - selected, f"no PostgreSQL tests in {set(modules) - selected}"
