@@ -520,8 +520,12 @@ def test_documented_grants_are_enough_for_a_peer(pg_server: PostgresServer, pg_d
 CLI_BLOCKS = blocks_with("console", "cli")
 
 PEER_SCRIPT = """
-import sys, trio
+import signal, sys, trio
 from trio_peers import PeerConfig, open_peer
+
+# Started in the background (as CI starts the suite), a process inherits SIGINT ignored;
+# then Ctrl-C never reaches Python, and the peer would not leave at the end of the test.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 async def main():
     config = PeerConfig(dsn=sys.argv[1], name="reports", node="web-1", interval=30)
@@ -543,6 +547,7 @@ def background_peer(dsn: str) -> Iterator[None]:
         text=True,
         env=cli_env(),
     )
+    stuck = False
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "leading"
@@ -550,12 +555,15 @@ def background_peer(dsn: str) -> Iterator[None]:
     finally:
         proc.send_signal(signal.SIGINT)  # KeyboardInterrupt: the peer releases its lease
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:  # pragma: no cover
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            stuck = True
             proc.kill()
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+    # (Not reached when the block raised: its error is the one to see.)
+    assert not stuck, "the background peer did not leave within 10 s of SIGINT"
 
 
 def _commands(block: Block) -> list[list[str]]:
