@@ -364,3 +364,15 @@ def test_bids_are_held_while_work_of_an_ended_tenure_winds_down() -> None:
     core.start_round(scheduled)
     with pytest.raises(CoreError):
         core.may_start_round(winding_down=True)  # (never during a round)
+
+
+def test_a_term_won_after_an_unreleased_resign_is_the_one_close_releases() -> None:
+    """Regression: a resign whose release was skipped (its leader-only work overran the
+    cleanup timeout) left its term pending; once the peer had won a newer term, close()
+    still returned the old one, and the exit released nothing while the new lease stayed
+    live for a whole interval."""
+    core = make_core()
+    round_(core, 0.0, 0.1, won(1))
+    assert core.resign(1.0) == 1  # (the shell skips take_release: the work overran)
+    assert round_(core, 20.0, 20.1, won(2)) is Change.GAINED
+    assert core.close() == 2

@@ -261,6 +261,10 @@ class ElectionCore:
             self._resign_requested = False  # nothing left to give up
             return Change.LOST if before is not None else Change.DENIED
         assert outcome.lease_remaining is not None
+        # A term won: a resigned one not released yet (its leader-only work overran the
+        # release) is gone from the row, and releasing it at close would release nothing
+        # while the lease won here stayed live.
+        self._pending_release = None
         trusted_until = start + outcome.lease_remaining - self.trust_margin
         if before is not None and before.term == outcome.term:
             before.trusted_until = trusted_until
