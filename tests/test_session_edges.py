@@ -621,3 +621,111 @@ async def test_a_connection_that_opens_while_the_session_closes_is_closed_too(
                 pass
     assert backend.connections, "the connect never finished"
     assert all(isinstance(c, _Recorded) and c.closed for c in backend.connections)
+
+
+class _CancelAfterElect:
+    """A session connection whose elect cancels ``scope`` as its reply comes back (the
+    caller's timeout firing at that moment)."""
+
+    def __init__(self, inner: Any, scope: trio.CancelScope) -> None:
+        self._inner = inner
+        self._scope = scope
+
+    async def elect(self, *args: Any, **kwargs: Any) -> object:
+        outcome = await self._inner.elect(*args, **kwargs)
+        self._scope.cancel()
+        return outcome
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+async def test_a_cancellation_as_the_entry_round_returns_leaves_no_hidden_leader(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: the caller's scope cancelled while the entry round's reply was on its
+    way. The peer's task shielded itself before it reported that it had entered, and
+    ``started()`` does nothing once the starting nursery is cancelled: the entry never
+    returned (whatever the cancellation), and the peer, hidden, renewed the lease for as
+    long as the process lived. Now the entry ends cancelled and the won lease is released.
+    (Without the fix this test hangs until pytest's timeout.)"""
+    scope = trio.CancelScope()
+
+    async def connect(inner: Any, **callbacks: object) -> object:
+        return _CancelAfterElect(await inner.connect(**callbacks), scope)
+
+    backend = _Sessions(connect)
+    config = PeerConfig(dsn="memory://", name="x", node="a", interval=INTERVAL)
+    with scope:
+        async with open_peer(config, backend=backend):  # type: ignore[arg-type]
+            pytest.fail("entered although the caller was cancelled")
+    assert scope.cancelled_caught
+    assert backend.backend.leader("x") is None
+    statements = backend.backend.statements
+    await trio.sleep(3 * INTERVAL)
+    assert backend.backend.statements == statements  # no peer left running
+
+
+@pytest.mark.parametrize("form", ["session", "open_peers", "open_peer"])
+async def test_an_exit_after_an_unreleased_resign_and_a_new_tenure_releases_the_new_lease(
+    autojump_clock: trio.testing.MockClock, form: str
+) -> None:
+    """Regression: resign() whose leader-only work overran the cleanup timeout skips the
+    release (the work might still write); the work ended, the peer won a newer term, and
+    then the block exited. The exit released the old, resigned term (still pending), which
+    no longer matched the row: the new lease stayed live for a whole interval."""
+    backend = MemoryBackend()
+    async with one_name(backend, form) as peer:
+        first = await peer.wait_leader()
+
+        async def work() -> None:
+            async with peer.leader_scope():
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    with trio.CancelScope(shield=True):  # a cleanup that overruns
+                        await trio.sleep(peer.config.cleanup_timeout + 1.0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(work)
+            await wait_for(lambda: bool(peer._work.scopes), limit=1.0, poll=0.001)
+            assert not await peer.resign()  # skipped: the work still ran
+        second = await peer.wait_leader()
+        assert second != first
+    assert backend.leader("x") is None  # the new lease was released
+
+
+async def test_an_open_peer_made_but_never_entered_holds_no_name(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: session.open_peer() registered the name when called, not when entered.
+    A manager made and never entered (an exit stack whose earlier entry failed) kept the
+    name: opening it again was refused ("already open"), and the session's exit waited a
+    whole stop bound for a peer that never ran."""
+    backend = MemoryBackend()
+    async with open_session("memory://", backend=backend, node="a", cleanup_timeout=1.0) as s:
+        unentered = s.open_peer(name="x", interval=INTERVAL)
+        assert s.statistics().names == 0
+        async with s.open_peer(name="x", interval=INTERVAL) as peer:
+            await peer.wait_leader()
+            with pytest.raises(ValueError, match="already open"):
+                async with unentered:  # entered now: the name is taken
+                    pytest.fail("entered a name that is open")
+            with pytest.raises(ValueError, match="already open"):
+                s.open_peer(name="x", interval=INTERVAL)  # refused at the call
+        exit_started = trio.current_time()
+    assert trio.current_time() - exit_started < 0.5
+    assert backend.leader("x") is None
+
+
+async def test_an_open_peer_block_cannot_be_entered_twice(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    async with open_session("memory://", backend=backend, node="a") as s:
+        block = s.open_peer(name="x", interval=INTERVAL)
+        async with block as peer:
+            await peer.wait_leader()
+        with pytest.raises(RuntimeError, match="entered already"):
+            async with block:
+                pytest.fail("entered twice")

@@ -838,6 +838,11 @@ class Peer(metaclass=NoPublicConstructor):
         the peer is entered, then each next round when due."""
         with self._loop_scope:
             await self._run_round(entry=True)
+            # A cancellation that came while the entry round's reply was on its way: the
+            # peer is not entered. (Shielded first, the task would never report started()
+            # (a no-op once the starting nursery is cancelled), and the entry would wait for
+            # it for good while it led the name.) The stop below releases what it won.
+            await trio.lowlevel.checkpoint_if_cancelled()
             # Entered: from now on the peer stops only through _stop, which lets a round in
             # flight finish (a bid the server committed is then released). The cancellation
             # of the scope around the peer would abandon it: run_peer stops the peer

@@ -42,6 +42,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
 from typing import Final, Literal, final
 
 import attrs
@@ -336,6 +337,35 @@ class _Member:
 
 
 @final
+@final
+class _Joining:
+    """:meth:`PeerSession.open_peer`'s context manager. The name joins the session when the
+    block is entered: a manager made and never entered (an exit stack whose earlier entry
+    failed, say) holds no name, which could not be opened again and which the session's
+    exit would wait a whole stop bound for."""
+
+    def __init__(self, session: PeerSession, config: PeerConfig) -> None:
+        self._session = session
+        self._config = config
+        self._run: AbstractAsyncContextManager[Peer] | None = None
+
+    async def __aenter__(self) -> Peer:
+        if self._run is not None:
+            raise RuntimeError("this open_peer() block was entered already: call it again")
+        peer, member = self._session._add(self._config)
+        self._run = run_peer(peer, member)
+        return await self._run.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._run is not None
+        return await self._run.__aexit__(exc_type, exc, tb)  # noqa: ASYNC102 - shields itself
+
+
 class PeerSession(metaclass=NoPublicConstructor):
     """Many names of one process over one database connection. Get one from
     :func:`open_session`; open each name with :meth:`open_peer`.
@@ -439,7 +469,9 @@ class PeerSession(metaclass=NoPublicConstructor):
 
         Raises:
           TypeError, ValueError: a bad option (naming it), at the call, before any I/O.
-          ValueError: ``name`` is already open in this session for the same table.
+          ValueError: ``name`` is already open in this session for the same table (at the
+            call, and at entry if it was opened in between: the name joins the session
+            when the block is entered).
           trio.ClosedResourceError: the session is closed, or its exit has begun (it
             stops the names it finds then; a name joining later would be left running).
         """
@@ -540,11 +572,11 @@ class PeerSession(metaclass=NoPublicConstructor):
         return config
 
     def _join(self, config: PeerConfig) -> AbstractAsyncContextManager[Peer]:
-        peer, member = self._add(config)
-        return run_peer(peer, member)
+        self._check_joinable(config)  # at the call, the earliest point
+        return _Joining(self, config)
 
-    def _add(self, config: PeerConfig) -> tuple[Peer, _Member]:
-        """A new name of the session: its peer, and the member its main task enters."""
+    def _check_joinable(self, config: PeerConfig) -> tuple[LeaseTable, str]:
+        """Raise if ``config``'s name cannot join now; its key in :attr:`_members`."""
         if self._closed or self._stopping:
             # (Once the exit has begun it stops the names it found; a later one would be
             # left running, and a lease it won left to lapse.)
@@ -555,6 +587,11 @@ class PeerSession(metaclass=NoPublicConstructor):
                 f"name {config.name!r} (table {config.prefix}.{config.table}) is already "
                 "open in this session: open each name once per process"
             )
+        return key
+
+    def _add(self, config: PeerConfig) -> tuple[Peer, _Member]:
+        """A new name of the session: its peer, and the member its main task enters."""
+        key = self._check_joinable(config)
         member = _Member(self, config)
         peer = Peer._create(
             config,
