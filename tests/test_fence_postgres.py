@@ -358,3 +358,29 @@ async def test_a_fenced_transaction_of_one_session_name_leaves_the_others_on_sch
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert all("locked by another transaction" in r.getMessage() for r in warnings), warnings
     assert 1 <= len(warnings) <= 2
+
+
+async def test_a_cancellation_at_the_commit_rolls_back_and_never_leaves_the_row_locked(
+    dsn: str,
+) -> None:
+    """Regression: BEGIN and COMMIT ran outside the block that rolls back. A cancellation
+    that came at the COMMIT (the tenure's deadline right after the block's last write)
+    never sent it, and nothing rolled back: the connection stayed in the transaction,
+    holding the lease row FOR SHARE, so every election of the name was busy (no leader
+    anywhere) until the connection was next used or closed. Now it rolls back."""
+    async with open_sql(dsn) as sql, open_peer(peer_config(dsn, "a")) as a, writer(dsn) as conn:
+        await sql.execute(WRITES)
+        with trio.CancelScope() as scope:
+            async with a.fenced_transaction(conn) as fence:
+                await run(conn, "INSERT INTO writes VALUES ($1, 'x')", fence.term)
+                scope.cancel()  # no checkpoint left in the block: it lands at the COMMIT
+        assert scope.cancelled_caught
+        assert not conn.is_closed() and not conn.is_in_transaction()
+        assert await sql.fetch("SELECT * FROM writes") == []
+        # The lease row is not held: a writer can lock it at once, and the leader renews.
+        await sql.execute("BEGIN")
+        await sql.execute("SELECT 1 FROM trio_peers FOR UPDATE NOWAIT")
+        await sql.execute("ROLLBACK")
+        rounds = a.statistics().elections_run
+        await wait_for(lambda: a.statistics().elections_run > rounds, limit=2 * INTERVAL)
+        assert a.is_leader and a.statistics().elections_busy == 0

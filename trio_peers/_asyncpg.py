@@ -941,8 +941,14 @@ async def fenced_transaction(
     Trio-side transaction would otherwise never send it, DRIVER P2), falling back to
     ``terminate()``.
     """
-    await _aio(conn.execute)("BEGIN")
+    # BEGIN and COMMIT are inside the try, so that a cancellation at either (the tenure's
+    # deadline right after the block's last statement, say) rolls back too: outside it, a
+    # COMMIT that trio-asyncio never sent left the transaction open, holding the lease row
+    # (FOR SHARE) against every election of the name until the connection was next used or
+    # closed. A cancellation while the COMMIT is at the server leaves it committed or not
+    # (the ROLLBACK after it then has nothing to undo), never open.
     try:
+        await _aio(conn.execute)("BEGIN")
         try:
             row = await _aio(conn.fetchrow)(fence.sql, *fence.args)
         except (
@@ -958,16 +964,21 @@ async def fenced_transaction(
                 f"(another tenure began, or the lease expired); rolled back"
             )
         yield fence
+        await _aio(conn.execute)("COMMIT")
     except BaseException:
         with trio.move_on_after(cleanup_timeout, shield=True) as scope:
             try:
                 await _aio(conn.execute)("ROLLBACK")
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            except (
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.exceptions.InternalClientError,  # (DRIVER P10: not an InterfaceError)
+                OSError,
+            ):
                 conn.terminate()
         if scope.cancelled_caught:
             conn.terminate()
         raise
-    await _aio(conn.execute)("COMMIT")
 
 
 @asynccontextmanager

@@ -409,7 +409,9 @@ class Peer(metaclass=NoPublicConstructor):
         (or the ``fence`` given), and raises :exc:`~trio_peers.TenureLost` after rolling
         back if another tenure began. The block's statements then run in that transaction;
         it commits when the block ends, and rolls back if the block raises or is cancelled
-        (shielded, bounded by ``cleanup_timeout``). Keep it short compared with
+        (shielded, bounded by ``cleanup_timeout``), also when the cancellation comes at the
+        COMMIT itself (one that comes while the COMMIT is at the server may find it done).
+        The transaction is never left open. Keep it short compared with
         ``interval / leader_boost``: while it is open, this leader cannot renew either.
 
         Raises:
