@@ -129,6 +129,35 @@ async def test_aclose_affects_only_that_channel() -> None:
     assert (await b.receive()).version == 0
 
 
+async def test_aclose_wakes_a_receive_blocked_on_that_channel_only() -> None:
+    """Regression: aclose() only set a flag, so a task already waiting in receive() on the
+    channel stayed blocked until the next change of leadership, which may never come (trio's
+    channels raise ClosedResourceError in such a receiver)."""
+    cell = make_cell()
+    a, b = cell.open_channel(), cell.open_channel()
+    await a.receive()
+    await b.receive()
+    outcomes: dict[str, str] = {}
+
+    async def reader(name: str, channel: LeadershipChannel) -> None:
+        try:
+            change = await channel.receive()
+        except trio.ClosedResourceError:
+            outcomes[name] = "closed"
+        else:
+            outcomes[name] = f"version {change.version}"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader, "a", a)
+        nursery.start_soon(reader, "b", b)
+        await trio.testing.wait_all_tasks_blocked()
+        await a.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcomes == {"a": "closed"}  # b still waits, unaffected
+        cell.set(True, 1, trio.current_time())
+    assert outcomes == {"a": "closed", "b": "version 1"}
+
+
 async def test_receive_nowait() -> None:
     cell = make_cell()
     channel = cell.open_channel()

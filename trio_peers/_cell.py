@@ -123,6 +123,7 @@ class LeadershipChannel(trio.abc.ReceiveChannel[LeadershipChange], metaclass=NoP
         self._cell = cell
         self._seen: int | None = None
         self._closed = False
+        self._waiting: set[trio.CancelScope] = set()  # receive() calls blocked in a wait
 
     async def receive(self) -> LeadershipChange:
         """Return the next state to see, or raise :exc:`trio.EndOfChannel` when the peer closed.
@@ -136,7 +137,13 @@ class LeadershipChannel(trio.abc.ReceiveChannel[LeadershipChange], metaclass=NoP
         if self._seen is None:
             value = self._cell.value
         else:
-            got = await self._cell.wait_newer(self._seen)
+            got = None
+            with trio.CancelScope() as waiting:  # aclose() cancels it
+                self._waiting.add(waiting)
+                try:
+                    got = await self._cell.wait_newer(self._seen)
+                finally:
+                    self._waiting.discard(waiting)
             if self._closed:
                 raise trio.ClosedResourceError("this leadership channel was closed")
             if got is None:
@@ -163,6 +170,9 @@ class LeadershipChannel(trio.abc.ReceiveChannel[LeadershipChange], metaclass=NoP
         return value
 
     async def aclose(self) -> None:
-        """Close this channel (others are unaffected). Idempotent; checkpoints."""
+        """Close this channel (others are unaffected): a :meth:`receive` waiting on it, in
+        any task, raises :exc:`trio.ClosedResourceError`. Idempotent; checkpoints."""
         self._closed = True
+        for waiting in self._waiting:
+            waiting.cancel()
         await trio.lowlevel.checkpoint()
