@@ -8,7 +8,9 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import ssl
 from contextlib import AsyncExitStack
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -95,6 +97,21 @@ async def test_entry_raises_for_permanent_misconfiguration(pg_dsn: str) -> None:
     with pytest.raises(BackendMisconfigured, match="DSN"):
         async with open_peer(cfg("postgresql://127.0.0.1:notaport/x", "a")):
             pass  # pragma: no cover
+
+
+@pytest.mark.parametrize("hosts", [1, 2])
+async def test_entry_raises_when_the_dsn_requires_tls_that_the_server_lacks(
+    dsn: str, hosts: int
+) -> None:
+    """Regression: sslmode=require against a server without TLS (asyncpg: "rejected SSL
+    upgrade", an OSError) was taken for "unreachable now": the entry succeeded as a follower
+    and retried for good. Retrying cannot fix it: the entry raises, naming sslmode."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc if hosts == 1 else f"{parts.netloc},{parts.netloc.split('@')[1]}"
+    tls = urlunsplit(parts._replace(netloc=netloc, query="sslmode=require"))
+    with pytest.raises(BackendMisconfigured, match="sslmode"):
+        async with open_peer(cfg(tls, "a")):
+            pytest.fail("entered although no connection can be made")
 
 
 async def test_unreachable_at_entry_is_follower_then_leads(dsn: str, pg: PostgresServer) -> None:
@@ -624,6 +641,14 @@ def test_driver_errors_that_mean_unavailable(exc: BaseException) -> None:
 def test_permanent_driver_errors() -> None:
     with pytest.raises(BackendMisconfigured), _mapped(connecting=True):
         raise asyncpg.exceptions.InvalidPasswordError("bad password")
+    # A server certificate refused (sslmode=verify-full with the wrong root or host name).
+    refused = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    refused.verify_message = "self-signed certificate"
+    with (
+        pytest.raises(BackendMisconfigured, match="self-signed certificate"),
+        _mapped(connecting=True),
+    ):
+        raise refused
     with pytest.raises(BackendMisconfigured), _mapped(connecting=True):
         raise ValueError("invalid DSN")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Final, TypeVar, cast, final
@@ -90,6 +91,22 @@ _UNAVAILABLE: Final = (
 )
 
 
+def _tls_problem(exc: BaseException) -> str | None:
+    """What is wrong with the TLS settings, if ``exc`` (from a connect) says so: the
+    server's certificate was refused (``sslmode=verify-ca`` / ``verify-full`` with the wrong
+    root certificate or host name), or ``sslmode=require`` met a server without TLS. Both
+    are OSErrors, which otherwise mean "cannot reach the server now": retrying cannot fix
+    them, so they are misconfigurations, as a refused password is."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"the server's TLS certificate was refused ({exc.verify_message or exc}): check "
+            "sslrootcert and the host name in the DSN, or sslmode"
+        )
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        return f"{exc}: the server does not accept TLS, and the DSN's sslmode requires it"
+    return None
+
+
 def _aio(
     fn: Callable[..., Awaitable[T]], loop: asyncio.AbstractEventLoop | None = None
 ) -> Callable[..., Awaitable[T]]:
@@ -131,6 +148,9 @@ def _mapped(*, connecting: bool = False) -> Iterator[None]:
     except _UNAVAILABLE as exc:
         if isinstance(exc, TimeoutError):
             raise BackendUnavailable("timed out") from exc
+        problem = _tls_problem(exc) if connecting else None
+        if problem is not None:
+            raise BackendMisconfigured(problem) from exc
         raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from exc
     except asyncpg.PostgresError as exc:
         # Anything else the server says (serialization failure, deadlock, a trigger's
@@ -299,7 +319,10 @@ async def _aio_connect_multihost(
                 failed.append(f"{host}: no answer within {connect_timeout} s")
                 continue
             except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
-                failed.append(f"{host}: {type(exc).__name__}: {exc}")
+                problem = _tls_problem(exc)
+                if problem is not None:
+                    permanent = permanent or exc
+                failed.append(f"{host}: {problem or f'{type(exc).__name__}: {exc}'}")
                 continue
             if position.matches(wanted):
                 chosen = task

@@ -43,8 +43,10 @@ class StatementRefused(BackendUnavailable):
 class BackendMisconfigured(PeerError):
     """A permanent problem that retrying cannot fix.
 
-    An invalid DSN, failed authentication, a database that does not exist, or
-    missing privileges. :func:`trio_peers.open_peer` raises it from entry.
+    An invalid DSN, failed authentication, a database that does not exist, missing
+    privileges, or TLS settings the server cannot meet (its certificate refused, or
+    ``sslmode=require`` on a server without TLS). :func:`trio_peers.open_peer` raises it
+    from entry.
     """
 
 
