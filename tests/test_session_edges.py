@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 import trio_peers._peer
-from trio_peers import BackendUnavailable, Peer, PeerConfig, PeerSession, open_peer, open_session
+from trio_peers import Peer, PeerConfig, PeerSession, open_peer, open_session
 from trio_peers._backend import ElectRequest, LeaseTable
 from trio_peers._core import ElectionOutcome
 from trio_peers.testing import MemoryBackend, _memory
@@ -729,52 +729,3 @@ async def test_an_open_peer_block_cannot_be_entered_twice(
         with pytest.raises(RuntimeError, match="entered already"):
             async with block:
                 pytest.fail("entered twice")
-
-
-class _BreaksOnGetLeaders:
-    """A session connection whose get_leaders fails as a broken connection does, once
-    ``armed`` (before the driver's termination callback has run, as asyncpg's can)."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.armed = False
-
-    async def get_leaders(self, *args: Any, **kwargs: Any) -> object:
-        if self.armed:
-            await trio.lowlevel.checkpoint()
-            raise BackendUnavailable("ConnectionDoesNotExistError: connection was closed")
-        return await self._inner.get_leaders(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
-
-async def test_a_leader_whose_get_leader_breaks_the_connection_stops_trusting_it(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """Regression: a connection that broke under a batch told every name it was lost but
-    those with a request in the batch, whose round fails by itself. A get_leader() is not a
-    round: only the call failed, and that leader went on trusting a lost connection (no
-    connection_lost for it) while every other name of the session stepped down."""
-
-    async def connect(inner: Any, **callbacks: object) -> object:
-        return _BreaksOnGetLeaders(await inner.connect(**callbacks))
-
-    backend = _Sessions(connect)
-    async with (
-        open_session("memory://", backend=backend, node="s") as session,  # type: ignore[arg-type]
-        session.open_peer(name="a", interval=INTERVAL) as a,
-        session.open_peer(name="b", interval=INTERVAL) as b,
-    ):
-        await a.wait_leader()
-        await b.wait_leader()
-        first = backend.connections[0]
-        assert isinstance(first, _BreaksOnGetLeaders)
-        first.armed = True
-        with pytest.raises(BackendUnavailable):
-            await a.get_leader()
-        assert not a.is_leader and not b.is_leader  # both: the connection is gone
-        with trio.fail_after(3 * INTERVAL):
-            await a.wait_leader()  # and both come back on a new one
-            await b.wait_leader()
-        assert len(backend.connections) == 2

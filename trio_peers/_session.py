@@ -94,8 +94,6 @@ _Kind = Literal["connect", "release", "leader", "elect"]
 #: The order in which one batch runs its statements: releases first (a handover waits on
 #: them), then reads, then elections.
 _ORDER: Final[dict[_Kind, int]] = {"connect": 0, "release": 1, "leader": 2, "elect": 3}
-# The requests whose failure fails their peer's round (and so ends its trust by itself).
-_FAILS_ROUND: Final[frozenset[_Kind]] = frozenset({"connect", "elect"})
 
 
 @final
@@ -895,16 +893,13 @@ class PeerSession(metaclass=NoPublicConstructor):
 
     def _drop_connection(self, conn: SessionConnection, batch: list[_Request]) -> None:
         """A connection-level failure during ``batch``: drop the connection; every name
-        but those whose round (or connect) was in this batch, which fails by itself, sees
-        the connection lost. (A name whose get_leader() or release was in it is told too:
-        only that call fails, and its trust must end with the connection all the same.)"""
+        not waiting in this batch (whose round fails by itself) sees the connection lost."""
         if self._conn is conn:
             self._conn = None
             self._conn_gen += 1
             self._prepared = set()
             conn.abort()
-            failing = {r.member for r in batch if not r.finished and r.kind in _FAILS_ROUND}
-            self._tell_lost(skip=failing)
+            self._tell_lost(skip={r.member for r in batch if not r.finished})
 
     def _tell_lost(self, skip: frozenset[_Member] | set[_Member] = frozenset()) -> None:
         for member in list(self._members.values()):
