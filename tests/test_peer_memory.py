@@ -543,6 +543,31 @@ async def test_leader_scope_low_level_form(autojump_clock: trio.testing.MockCloc
         current_term()
 
 
+async def test_a_leader_scope_the_block_cancels_itself_does_not_hold_the_renewals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: a block that left its leader_scope early by cancelling the scope itself
+    (scope.cancel_scope.cancel(), an ordinary Trio idiom) was taken for work of an ended
+    tenure winding down: the peer held every bid, renewals included, while the block's
+    cleanup ran, and a cleanup of a few seconds lost a healthy leader its tenure; and
+    scope.lost said the tenure had ended. The tenure goes on: renewals go on."""
+    backend = MemoryBackend()
+    async with open_peer(cfg("a"), backend=backend) as a:
+        term = await a.wait_leader()
+        async with a.leader_scope() as scope:
+            scope.cancel_scope.cancel()  # the block is done with its work
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):  # a cleanup longer than a renewal period
+                    rounds = a.statistics().elections_run
+                    await trio.sleep(INTERVAL)
+                    assert a.statistics().elections_run >= rounds + 1
+                    assert a.is_leader and a.term == term
+        assert not scope.lost
+        assert a.is_leader and a.term == term
+
+
 async def test_oban_717_is_leader_and_statistics_never_block_on_a_hung_round(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

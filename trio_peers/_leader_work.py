@@ -56,13 +56,21 @@ class LeaderScope:
         self.term: int = term
         """The tenure's fencing token."""
         self.cancel_scope: trio.CancelScope = cancel_scope
-        """Cancelled when the tenure ends; its deadline tracks local trust."""
+        """Cancelled when the tenure ends; its deadline tracks local trust. The block may
+        cancel it itself to leave early: that ends no tenure (:attr:`lost` stays False)."""
         self.lost: bool = False
         """True once the tenure ended while the block ran."""
+        self.ended = False  # the peer cancelled the scope: its tenure ended
         self.done = trio.Event()
         """Set when the block has finished (after any cancellation)."""
         self.watched = False
         self.overrun_logged = False
+
+
+def _ended(scope: LeaderScope, now: float) -> bool:
+    """Whether ``scope``'s tenure has ended: the peer said so, or its trust deadline (the
+    scope's deadline, which the peer moves on each renewal) has passed."""
+    return scope.ended or now >= scope.cancel_scope.deadline
 
 
 @final
@@ -98,7 +106,9 @@ class LeaderWork:
         finally:
             _current_term.reset(token)
             self.scopes.discard(scope)
-            scope.lost = cancel_scope.cancel_called
+            # (Not cancel_called: the block may cancel the scope itself, to leave early,
+            # while its tenure goes on.)
+            scope.lost = _ended(scope, trio.current_time())
             scope.done.set()
             if scope.lost and not self.winding_down():
                 on_wound_down()
@@ -109,6 +119,7 @@ class LeaderWork:
         ``cleanup_timeout``), and move the deadline of the current tenure's work."""
         for scope in self.scopes:
             if term != scope.term:
+                scope.ended = True
                 scope.cancel_scope.cancel()
                 if watch:
                     self._watch_overrun_soon(scope)
@@ -116,10 +127,13 @@ class LeaderWork:
                 scope.cancel_scope.deadline = deadline
 
     def winding_down(self) -> bool:
-        """Work of an ended tenure is still running (cancelled, not done)."""
+        """Work of an ended tenure is still running (cancelled, not done). Work that left
+        its scope early by cancelling it itself is not: its tenure goes on, and holding the
+        bids for it would stop the renewals of a healthy leader."""
         if not self.scopes:
             return False  # (each round asks)
-        return any(scope.cancel_scope.cancel_called for scope in self.scopes)
+        now = trio.current_time()
+        return any(_ended(scope, now) for scope in self.scopes)
 
     async def wait_stopped(self) -> bool:
         """Wait for cancelled work to finish. False if it overran ``cleanup_timeout``."""
