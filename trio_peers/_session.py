@@ -893,7 +893,10 @@ class PeerSession(metaclass=NoPublicConstructor):
 
     def _drop_connection(self, conn: SessionConnection, batch: list[_Request]) -> None:
         """A connection-level failure during ``batch``: drop the connection; every name
-        not waiting in this batch (whose round fails by itself) sees the connection lost."""
+        not waiting in this batch sees the connection lost. One waiting in it is not told:
+        its round fails by itself, and a get_leader() that fails leaves leadership alone, as
+        :meth:`Peer.get_leader <trio_peers.Peer.get_leader>` promises (its lease stands,
+        its trust is bounded by time)."""
         if self._conn is conn:
             self._conn = None
             self._conn_gen += 1
