@@ -376,3 +376,21 @@ def test_a_term_won_after_an_unreleased_resign_is_the_one_close_releases() -> No
     assert core.resign(1.0) == 1  # (the shell skips take_release: the work overran)
     assert round_(core, 20.0, 20.1, won(2)) is Change.GAINED
     assert core.close() == 2
+
+
+def test_a_lost_connection_keeps_a_resign_hold() -> None:
+    """Regression: a connection lost after a resign (its release done) replaced the resign
+    hold with one backoff: the peer bid again some 50 ms later and won back the lease it had
+    just released (with listen=False or a lost notification, before any follower)."""
+    core = make_core()
+    round_(core, 0.0, 0.1, won(7))
+    assert core.resign(1.0) == 7
+    assert core.take_release() == 7  # released
+    held_until = core.next_round_at
+    assert held_until >= 1.0 + (1 - JITTER) * INTERVAL
+    core.connection_lost(1.01)
+    assert core.next_round_at == held_until
+    assert not core.notified_down(1.5, term=7)  # its own release's NOTIFY: still held
+    # A newer tenure's release may still wake it earlier, as before.
+    assert core.notified_down(2.0, term=8)
+    assert core.next_round_at == 2.0

@@ -331,7 +331,10 @@ class ElectionCore:
         was_leader = self.is_leader(now)
         self._distrust()
         self.failures += 1
-        self.next_round_at = min(self.next_round_at, now + self.backoff(self.failures))
+        # Reconnect soon, but not before a resign's hold ends: a bid then could win back
+        # the lease this peer has just released, and the handover would not happen.
+        retry = max(now + self.backoff(self.failures), self._hold_until)
+        self.next_round_at = min(self.next_round_at, retry)
         return was_leader
 
     def resign(self, now: float) -> int | None:
