@@ -6,6 +6,7 @@ here the clock is virtual, so exact timing can be asserted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -673,3 +674,34 @@ async def test_a_follower_warns_of_a_locked_row_only_when_it_stays_locked(
                 assert len([r for r in busy if "(b)" in r.getMessage()]) == 1
                 assert len([r for r in busy if "(a)" in r.getMessage()]) == 1
                 backend.unlock_row()
+
+
+@pytest.mark.parametrize("form", ["open_peer", "session"])
+async def test_memory_a_connection_dropped_while_a_reply_is_on_its_way_fails_the_round(
+    autojump_clock: trio.testing.MockClock, form: str
+) -> None:
+    """Regression (MemoryBackend): a statement whose connection was dropped during
+    reply_delay still returned its outcome, so a renewal "succeeded" over a dead connection
+    and the peer led on without one for half an interval; with PostgreSQL the pending query
+    fails at once. Now it fails the round, and the peer reconnects and renews."""
+    backend = MemoryBackend()
+    async with contextlib.AsyncExitStack() as stack:
+        if form == "open_peer":
+            a = await stack.enter_async_context(open_peer(cfg("a"), backend=backend))
+        else:
+            session = await stack.enter_async_context(
+                trio_peers.open_session("memory://", backend=backend, node="a")
+            )
+            a = await stack.enter_async_context(
+                session.open_peer(name="default", interval=INTERVAL)
+            )
+        term = await a.wait_leader()
+        backend.reply_delay = 1.0
+        statements = backend.statements
+        await wait_for(lambda: backend.statements > statements, limit=INTERVAL, poll=0.001)
+        backend.reply_delay = 0.0
+        backend.kill_connections()  # the renewal has run; its reply is on its way
+        await trio.sleep(0.01)
+        assert a.statistics().elections_failed == 1
+        await wait_for(lambda: backend.connection_count == 1 and a.is_leader, limit=1.0)
+        assert a.term == term  # resumed on a new connection

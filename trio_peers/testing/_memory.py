@@ -65,15 +65,17 @@ class MemoryBackend:
 
     Fault injection, for testing how your application behaves:
 
-    * :attr:`available` = False: connecting and every statement fail with
-      :exc:`~trio_peers.BackendUnavailable`, and open connections are dropped.
+    * :meth:`set_available(False) <set_available>`: the store goes down: open connections
+      are dropped, and connecting and every statement fail with
+      :exc:`~trio_peers.BackendUnavailable` until ``set_available(True)``. (Setting
+      :attr:`available` alone drops no connection: their next statements fail.)
     * :attr:`hang` = True: statements block until the caller's timeout.
     * :attr:`deliver_notifications` = False: NOTIFY is lost (as behind PgBouncer).
     * :meth:`kill_connections`: drop every open connection (as a server restart does).
     * :attr:`statement_delay`: seconds each statement takes before it runs.
     * :attr:`reply_delay`: seconds between a statement running (it has committed) and its
-      reply arriving; a caller that gives up meanwhile never learns the outcome, as with a
-      real server.
+      reply arriving; a caller that gives up meanwhile never learns the outcome, and a
+      connection dropped meanwhile fails the statement at once, as with a real server.
     * :meth:`drop_table` / :meth:`create_table`: a missing table.
     * :meth:`lock_row` / :meth:`unlock_row`: another transaction holds a lease row locked
       (as a long fenced write would); elections that would write it report it busy.
@@ -325,6 +327,19 @@ class _MemoryConnector:
         return conn
 
 
+async def _reply(  # noqa: ASYNC910 - always after the statement's own wait
+    backend: MemoryBackend, conn: _MemoryConnection | _MemorySessionConnection
+) -> None:
+    """The reply of a statement that has run (committed), on its way for
+    :attr:`MemoryBackend.reply_delay` (cancellable). A connection lost meanwhile fails the
+    statement, as a driver's pending query fails at once: its reply never comes."""
+    if backend.reply_delay:
+        with trio.move_on_after(backend.reply_delay):
+            await conn.gone.wait()
+        if conn.closed:
+            raise BackendUnavailable("ConnectionDoesNotExistError: connection was closed")
+
+
 @final
 class _MemoryConnection:
     def __init__(
@@ -340,6 +355,7 @@ class _MemoryConnection:
         self._on_lost = on_lost
         self.listening: set[str] = {config.channel} if config.listen else set()
         self.closed = False
+        self.gone = trio.Event()  # set once closed: a reply on its way never comes
 
     def deliver(self, channel: str, payload: str) -> None:
         del channel
@@ -349,6 +365,7 @@ class _MemoryConnection:
     def lose(self) -> None:
         if not self.closed:
             self.closed = True
+            self.gone.set()
             self._backend._connections.pop(self, None)
             self._on_lost()
 
@@ -372,8 +389,7 @@ class _MemoryConnection:
     ) -> ElectionOutcome:
         await self._statement(statement_timeout)
         outcome = self._backend.elect_now(self._config, node, held_term)
-        if self._backend.reply_delay:  # committed; the reply is on its way (cancellable)
-            await trio.sleep(self._backend.reply_delay)
+        await _reply(self._backend, self)
         return outcome
 
     async def release(
@@ -381,8 +397,7 @@ class _MemoryConnection:
     ) -> bool:
         await self._statement(statement_timeout)
         released = self._backend.release_now(self._config, node, term, sender)
-        if self._backend.reply_delay:  # committed; the reply is on its way (cancellable)
-            await trio.sleep(self._backend.reply_delay)
+        await _reply(self._backend, self)
         return released
 
     async def get_leader(self, *, statement_timeout: float) -> LeaderInfo | None:
@@ -395,6 +410,7 @@ class _MemoryConnection:
 
     def abort(self) -> None:
         self.closed = True
+        self.gone.set()
         self._backend._connections.pop(self, None)
 
 
@@ -434,6 +450,7 @@ class _MemorySessionConnection:
         self._on_lost = on_lost
         self.listening: set[str] = set()
         self.closed = False
+        self.gone = trio.Event()  # set once closed: a reply on its way never comes
 
     def deliver(self, channel: str, payload: str) -> None:
         if not self.closed:
@@ -442,6 +459,7 @@ class _MemorySessionConnection:
     def lose(self) -> None:
         if not self.closed:
             self.closed = True
+            self.gone.set()
             self._backend._connections.pop(self, None)
             self._on_lost()
 
@@ -460,9 +478,8 @@ class _MemorySessionConnection:
         self._backend._check(table)
         self._backend.statements += 1
 
-    async def _reply(self) -> None:  # noqa: ASYNC910 - always after _statement's wait
-        if self._backend.reply_delay:  # committed; the reply is on its way (cancellable)
-            await trio.sleep(self._backend.reply_delay)
+    async def _reply(self) -> None:
+        await _reply(self._backend, self)
 
     async def prepare(self, table: LeaseTable, *, statement_timeout: float) -> bool:
         await self._statement(table, statement_timeout)
@@ -513,4 +530,5 @@ class _MemorySessionConnection:
 
     def abort(self) -> None:
         self.closed = True
+        self.gone.set()
         self._backend._connections.pop(self, None)
