@@ -538,3 +538,19 @@ def test_watchdog_cleans_up_after_dead_process(sig: signal.Signals) -> None:
             child.wait()
         if child.stdout is not None:
             child.stdout.close()
+
+
+def test_the_plugin_thaws_a_server_a_test_left_frozen(pg: PostgresServer) -> None:
+    """Regression: the plugin's teardown started a stopped shared server again but left a
+    frozen one (SIGSTOP; its processes are alive, so it counts as running) frozen: the
+    test's own database could not be dropped, and every later test of the run timed out
+    creating its database, with no hint of why."""
+    from trio_peers.testing.pytest_plugin import _ensure_running
+
+    pg.freeze()
+    try:
+        _ensure_running(pg)
+        assert not pg.is_frozen
+        assert pg.execute("SELECT 1") == [(1,)]
+    finally:
+        pg.thaw()

@@ -115,9 +115,13 @@ class ExternalServer(ExternalPostgres):
 
 
 def _ensure_running(server: PostgresServer | ExternalServer) -> None:
-    # A fault-injection test may leave the shared server stopped; later tests need it up.
-    if isinstance(server, PostgresServer) and not server.is_running:
-        server.start_again()
+    # A fault-injection test may leave the shared server stopped or frozen (a frozen
+    # server's processes are alive: it counts as running); later tests need it up.
+    if isinstance(server, PostgresServer):
+        if server.is_frozen:
+            server.thaw()
+        if not server.is_running:
+            server.start_again()
 
 
 @pytest.fixture(scope="session")
