@@ -554,3 +554,14 @@ def test_the_plugin_thaws_a_server_a_test_left_frozen(pg: PostgresServer) -> Non
         assert pg.execute("SELECT 1") == [(1,)]
     finally:
         pg.thaw()
+
+
+def test_an_external_server_terminates_only_a_databases_connections() -> None:
+    """Regression: under TRIO_PEERS_TEST_DSN, terminate_backends() with no database ended
+    every client connection of a server that other users share (fault injection skips
+    there; this one did not). It now needs the test's own database, or skips."""
+    from trio_peers.testing.pytest_plugin import ExternalServer
+
+    server = ExternalServer("postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(pytest.skip.Exception, match="needs the test's database"):
+        server.terminate_backends(application_name="trio-peers")

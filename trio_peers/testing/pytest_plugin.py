@@ -113,6 +113,16 @@ class ExternalServer(ExternalPostgres):
         """Skip the calling test: this server is not ours to restart."""
         pytest.skip(_NOT_OURS)
 
+    def terminate_backends(
+        self, database: str | None = None, application_name: str | None = None
+    ) -> int:
+        """As :meth:`PostgresServer.terminate_backends`, within ``database`` only (a test's
+        own): the server's other users' connections are not ours to end. Without
+        ``database``, skips the calling test."""
+        if database is None:
+            pytest.skip(f"{_NOT_OURS}: terminating connections needs the test's database")
+        return super().terminate_backends(database, application_name)
+
 
 def _ensure_running(server: PostgresServer | ExternalServer) -> None:
     # A fault-injection test may leave the shared server stopped or frozen (a frozen
