@@ -337,7 +337,6 @@ class _Member:
 
 
 @final
-@final
 class _Joining:
     """:meth:`PeerSession.open_peer`'s context manager. The name joins the session when the
     block is entered: a manager made and never entered (an exit stack whose earlier entry
@@ -366,6 +365,7 @@ class _Joining:
         return await self._run.__aexit__(exc_type, exc, tb)  # noqa: ASYNC102 - shields itself
 
 
+@final
 class PeerSession(metaclass=NoPublicConstructor):
     """Many names of one process over one database connection. Get one from
     :func:`open_session`; open each name with :meth:`open_peer`.
