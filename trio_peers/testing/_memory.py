@@ -364,9 +364,7 @@ class _MemoryConnection:
 
     def lose(self) -> None:
         if not self.closed:
-            self.closed = True
-            self.gone.set()
-            self._backend._connections.pop(self, None)
+            self.abort()
             self._on_lost()
 
     async def _statement(self, limit: float) -> None:
@@ -458,9 +456,7 @@ class _MemorySessionConnection:
 
     def lose(self) -> None:
         if not self.closed:
-            self.closed = True
-            self.gone.set()
-            self._backend._connections.pop(self, None)
+            self.abort()
             self._on_lost()
 
     async def _statement(self, table: LeaseTable, limit: float) -> None:
@@ -477,9 +473,6 @@ class _MemorySessionConnection:
             raise BackendUnavailable("ConnectionDoesNotExistError: connection was closed")
         self._backend._check(table)
         self._backend.statements += 1
-
-    async def _reply(self) -> None:
-        await _reply(self._backend, self)
 
     async def prepare(self, table: LeaseTable, *, statement_timeout: float) -> bool:
         await self._statement(table, statement_timeout)
@@ -498,7 +491,7 @@ class _MemorySessionConnection:
             )
             for r in requests
         ]
-        await self._reply()
+        await _reply(self._backend, self)
         return outcomes
 
     async def release(
@@ -514,7 +507,7 @@ class _MemorySessionConnection:
             on_sent()  # (the statement leaves now; _statement is its time on the way)
         await self._statement(table, statement_timeout)
         outcomes = self._backend.release_many_now(table, requests, sender)
-        await self._reply()
+        await _reply(self._backend, self)
         return outcomes
 
     async def get_leaders(
