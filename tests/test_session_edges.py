@@ -418,21 +418,26 @@ def _hanging_prepare() -> _Sessions:
     return sessions
 
 
-class _HangingConnection:
-    def __init__(self, inner: object, *, hang: bool) -> None:
+class _Wrapped:
+    """A session connection that passes everything it does not define to ``inner``."""
+
+    def __init__(self, inner: Any) -> None:
         self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+class _HangingConnection(_Wrapped):
+    def __init__(self, inner: object, *, hang: bool) -> None:
+        super().__init__(inner)
         self._hang = hang
 
     async def prepare(self, table: LeaseTable, *, statement_timeout: float) -> bool:
         if self._hang:
             await trio.sleep_forever()
-        prepared: bool = await self._inner.prepare(  # type: ignore[attr-defined]
-            table, statement_timeout=statement_timeout
-        )
+        prepared: bool = await self._inner.prepare(table, statement_timeout=statement_timeout)
         return prepared
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
 
 
 async def test_a_table_preparation_that_never_answers_costs_one_connection_not_the_session(
@@ -591,21 +596,18 @@ def _slow_connect() -> _Sessions:
     return _Sessions(connect)
 
 
-class _Recorded:
+class _Recorded(_Wrapped):
     def __init__(self, inner: object) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self.closed = False
 
     async def aclose(self) -> None:
         self.closed = True
-        await self._inner.aclose()  # type: ignore[attr-defined]
+        await self._inner.aclose()
 
     def abort(self) -> None:
         self.closed = True
-        self._inner.abort()  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
+        self._inner.abort()
 
 
 async def test_a_connection_that_opens_while_the_session_closes_is_closed_too(
@@ -623,21 +625,18 @@ async def test_a_connection_that_opens_while_the_session_closes_is_closed_too(
     assert all(isinstance(c, _Recorded) and c.closed for c in backend.connections)
 
 
-class _CancelAfterElect:
+class _CancelAfterElect(_Wrapped):
     """A session connection whose elect cancels ``scope`` as its reply comes back (the
     caller's timeout firing at that moment)."""
 
     def __init__(self, inner: Any, scope: trio.CancelScope) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._scope = scope
 
     async def elect(self, *args: Any, **kwargs: Any) -> object:
         outcome = await self._inner.elect(*args, **kwargs)
         self._scope.cancel()
         return outcome
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
 
 
 async def test_a_cancellation_as_the_entry_round_returns_leaves_no_hidden_leader(
