@@ -180,6 +180,17 @@ def test_describe_dsn_hides_the_password() -> None:
     assert "secret" not in describe_dsn("postgresql://u:secret@[::1/x")
 
 
+def test_describe_dsn_names_the_hosts_of_the_query_and_of_a_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: ``?host=`` was ignored (shown as localhost), a host list as unparsable."""
+    for name in ("PGHOST", "PGPORT", "PGDATABASE"):
+        monkeypatch.delenv(name, raising=False)
+    assert describe_dsn("postgresql://u@/app?host=db9&port=6000") == "db9:6000/app"
+    assert describe_dsn("postgresql://u:pw@a:1,b/app") == "a:1,b:5432/app"
+    assert describe_dsn("postgresql:///app?host=a,b&port=7") == "a:7,b:7/app"
+
+
 def test_describe_change() -> None:
     from trio_peers._cli._main import _Seen
 

@@ -63,6 +63,28 @@ def test_hosts_and_ports_from_the_query() -> None:
 def test_ports_from_the_environment() -> None:
     assert hosts_of("postgresql://u@a,b/app", {"PGPORT": "6543"}) == ["a:6543", "b:6543"]
     assert hosts_of("postgresql://u@a,b/app", {"PGPORT": "1,2"}) == ["a:1", "b:2"]
+    # An empty item is the default port, as in libpq (it was taken as the next item).
+    assert hosts_of("postgresql://u@a,b/app", {"PGPORT": ",5433"}) == ["a:5432", "b:5433"]
+    assert hosts_of("postgresql://u@/app?host=a,b&port=7,", {}) == ["a:7", "b:5432"]
+    # The port parameter wins over PGPORT, whose item count is then not checked.
+    assert hosts_of("postgresql://u@a,b/app?port=9", {"PGPORT": "1,2,3"}) == ["a:9", "b:9"]
+
+
+def test_hosts_from_the_environment() -> None:
+    """A DSN that names no host takes PGHOST's list, as asyncpg does: it is a multi-host DSN.
+
+    Regression: it was taken for a single-host DSN, so asyncpg connected with its own
+    default ``target_session_attrs=any`` and a peer could elect on a standby.
+    """
+    env = {"PGHOST": "standby,primary:5433", "PGPORT": "6000"}
+    assert hosts_of("postgresql:///app", env) == ["standby:6000", "primary:5433"]
+    parsed = parse_multihost("postgresql://u@/app", environ=env)
+    assert parsed is not None
+    assert parsed.target_session_attrs == "read-write"
+    # The DSN's own hosts win over PGHOST.
+    assert hosts_of("postgresql://u@a,b/app", env) == ["a:6000", "b:6000"]
+    assert parse_multihost("postgresql://u@db1/app", environ=env) is None
+    assert parse_multihost("postgresql:///app", environ={"PGHOST": "db1"}) is None
 
 
 @pytest.mark.parametrize("attrs", TARGET_SESSION_ATTRS)
@@ -86,12 +108,15 @@ def test_target_session_attrs(attrs: str) -> None:
         ("postgresql://u@[::1]x,b/app", "IPv6"),
         ("postgresql://u@/app?host=a,b&port=1,2,3", "3 ports in port='1,2,3' for 2 hosts"),
         ("postgresql://u@/app?host=a,b&port=1,z", "the port parameter: 'z'"),
+        ("postgresql://u@a,b,c/app", "2 ports in PGPORT='1,2' for 3 hosts"),
+        ("postgresql:///app", "an empty host name"),
         ("postgresql://u@a,b/app?target_session_attrs=master", "target_session_attrs='master'"),
     ],
 )
 def test_malformed_multihost_dsns(dsn: str, needle: str) -> None:
+    env = {"PGPORT": "1,2", "PGHOST": "a,"}
     with pytest.raises(ValueError, match="multi-host DSN") as info:
-        parse_multihost(dsn, environ=NO_ENV)
+        parse_multihost(dsn, environ=env)
     assert needle in str(info.value)
 
 

@@ -96,19 +96,40 @@ def _split_host(spec: str) -> tuple[str, str | None]:
     return host, port
 
 
+def _port_list(text: str, name: str, hosts: int) -> list[str]:
+    """The items of a ``port`` parameter or ``PGPORT``: none, one for all hosts, or one each."""
+    if not text:
+        return []
+    items = text.split(",")
+    if len(items) not in {1, hosts}:
+        raise _bad(
+            f"{len(items)} ports in {name}={text!r} for {hosts} hosts: "
+            "give one port for all hosts or one per host"
+        )
+    return items
+
+
+def _list_port(items: list[str], index: int, where: str) -> int:
+    text = items[index if len(items) > 1 else 0]
+    return _port(text, where) if text.strip() else _DEFAULT_PORT
+
+
 def parse_multihost(dsn: str, *, environ: dict[str, str] | None = None) -> MultiHostDSN | None:
     """Read the servers a URI DSN lists; None unless it lists two or more.
 
-    Hosts come from the DSN's authority (``user@h1:p1,h2:p2``) or, when that names none, from
-    its ``host`` query parameter. A host without a port takes the ``port`` query parameter
-    (one value for every host, or one per host), else ``PGPORT``, else 5432.
+    Hosts come from the DSN's authority (``user@h1:p1,h2:p2``), else from its ``host`` query
+    parameter, else from ``PGHOST``, as libpq and asyncpg read them. A host without a port
+    takes the ``port`` query parameter (one value for every host, or one per host), else
+    ``PGPORT`` (likewise), else 5432; an empty item in either list means 5432, as in libpq.
+    Hosts that only a service file (``service=``, ``PGSERVICE``) names are not seen here: such
+    a DSN is left to asyncpg.
     ``target_session_attrs`` comes from the query, else ``PGTARGETSESSIONATTRS``, else
     :data:`DEFAULT_TARGET_SESSION_ATTRS`. ``environ`` defaults to :data:`os.environ`.
 
     Raises:
         ValueError: the DSN lists several hosts but is malformed: an empty host, a port that
-            is not a number, more or fewer ports than hosts, an unknown
-            ``target_session_attrs``. The message says what to fix.
+            is not a number, more or fewer ports (in ``port`` or ``PGPORT``) than hosts, an
+            unknown ``target_session_attrs``. The message says what to fix.
     """
     env = os.environ if environ is None else environ
     if not dsn.startswith(("postgresql://", "postgres://")):
@@ -119,26 +140,20 @@ def parse_multihost(dsn: str, *, environ: dict[str, str] | None = None) -> Multi
         raise ValueError(f"the DSN is not a valid URI: {exc}") from None
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     _auth, _, hostspec = parts.netloc.rpartition("@")
-    specs = hostspec.split(",") if hostspec else query.get("host", "").split(",")
+    specs = (hostspec or query.get("host") or env.get("PGHOST", "")).split(",")
     if len(specs) < 2:
         return None
     hosts = [_split_host(spec) for spec in specs]
-
-    port_list = query["port"].split(",") if query.get("port") else []
-    if port_list and len(port_list) not in {1, len(hosts)}:
-        raise _bad(
-            f"{len(port_list)} ports in port={query['port']!r} for {len(hosts)} hosts: "
-            "give one port for all hosts or one per host"
-        )
-    env_ports = [p for p in env.get("PGPORT", "").split(",") if p.strip()]
+    port_list = _port_list(query.get("port", ""), "port", len(hosts))
+    env_ports = [] if port_list else _port_list(env.get("PGPORT", ""), "PGPORT", len(hosts))
     resolved = []
     for index, (host, port_text) in enumerate(hosts):
         if port_text is not None:
             port = _port(port_text, f"the port of host {host!r}")
         elif port_list:
-            port = _port(port_list[index if len(port_list) > 1 else 0], "the port parameter")
+            port = _list_port(port_list, index, "the port parameter")
         elif env_ports:
-            port = _port(env_ports[index if len(env_ports) > 1 else 0], "PGPORT")
+            port = _list_port(env_ports, index, "PGPORT")
         else:
             port = _DEFAULT_PORT
         resolved.append(HostPort(host, port))

@@ -11,10 +11,11 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final, TextIO, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import trio
 
+from .._dsn import parse_multihost
 from .._exceptions import (
     BackendMisconfigured,
     BackendUnavailable,
@@ -116,15 +117,22 @@ def resolve_dsn(dsn: str | None, environ: Mapping[str, str] | None = None) -> st
 
 
 def describe_dsn(dsn: str) -> str:
-    """``host:port/dbname`` of a URI for display; never the user's password."""
+    """``host:port/dbname`` of a URI for display (``h1:p1,h2:p2/dbname`` for several hosts);
+    never the user's password."""
     try:
         parts = urlsplit(dsn)
-        host = parts.hostname or os.environ.get("PGHOST") or "localhost"
-        port = parts.port or os.environ.get("PGPORT") or 5432
+        multi = parse_multihost(dsn)
+        if multi is not None:
+            where = ",".join(str(host) for host in multi.hosts)
+        else:
+            query = dict(parse_qsl(parts.query))
+            host = parts.hostname or query.get("host") or os.environ.get("PGHOST") or "localhost"
+            port = parts.port or query.get("port") or os.environ.get("PGPORT") or 5432
+            where = f"{host}:{port}"
     except ValueError:
         return "(unparsable DSN)"
     db = parts.path.lstrip("/") or os.environ.get("PGDATABASE") or "(default database)"
-    return f"{host}:{port}/{db}"
+    return f"{where}/{db}"
 
 
 def _leaf(exc: BaseException) -> BaseException:
