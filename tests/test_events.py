@@ -97,6 +97,10 @@ async def test_a_failing_hook_is_logged_rarely_and_never_disturbs_the_peer(
             assert a.is_leader and a.statistics().elections_failed == 0
     reports = [r for r in caplog.records if "event hook" in r.getMessage()]
     assert len(reports) == 1 and reports[0].exc_info is not None
+    # The line says what happened: the peer kept leading, it did not step down.
+    # Regression: it read "stepping down and retrying. Please report this as a bug."
+    assert "stepping down" not in reports[0].getMessage()
+    assert "the peer carries on" in reports[0].getMessage()
 
 
 async def test_on_event_must_be_callable() -> None:

@@ -64,7 +64,10 @@ class PeerReporter:
         self._on_event = on_event
         #: Whether events are wanted (callers skip building what only an event needs).
         self.events = on_event is not None
-        self._hook_errors = ErrorLog()
+        self._hook_errors = ErrorLog(
+            consequence="the event is dropped and the peer carries on as before. "
+            "Fix the hook: it must not raise."
+        )
         self._unexpected = ErrorLog()
         self._shared = shared_log
         self._faulty = False

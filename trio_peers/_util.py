@@ -191,10 +191,19 @@ class Deadlines(Generic[K]):
 @final
 class ErrorLog:
     """Logs unexpected errors at ERROR with a traceback: the first one, then at most one per
-    period (counting the ones suppressed), so a bug costs leadership, not the log."""
+    period (counting the ones suppressed), so a bug costs leadership, not the log.
 
-    def __init__(self, period: float = UNEXPECTED_LOG_PERIOD) -> None:
+    ``consequence`` ends each line: what the peer does about the error, and what to do.
+    """
+
+    def __init__(
+        self,
+        period: float = UNEXPECTED_LOG_PERIOD,
+        *,
+        consequence: str = "stepping down and retrying. Please report this as a bug.",
+    ) -> None:
         self._period = period
+        self._consequence = consequence
         self._next_at = -math.inf
         self._suppressed = 0
 
@@ -207,10 +216,10 @@ class ErrorLog:
         suppressed, self._suppressed = self._suppressed, 0
         self._next_at = now + self._period
         log.error(
-            "trio-peers %s: unexpected error in %s (%d more since the last report); stepping "
-            "down and retrying. Please report this as a bug.",
+            "trio-peers %s: unexpected error in %s (%d more since the last report); %s",
             who,
             where,
             suppressed,
+            self._consequence,
             exc_info=exc,
         )
