@@ -67,6 +67,15 @@ def test_statement_timeout_default_scales_with_interval() -> None:
         ({"interval": float("nan")}, ValueError, "interval"),
         ({"interval": float("inf")}, ValueError, "interval"),
         ({"interval": "30"}, TypeError, "interval"),
+        # Regressions: an int too large for a float raised a bare OverflowError, and a lone
+        # surrogate a bare UnicodeEncodeError, neither naming the field.
+        ({"interval": 10**400}, ValueError, "interval"),
+        ({"interval": 1e300}, ValueError, "interval=1e[+]300 is more than 1e[+]09 seconds"),
+        ({"cleanup_timeout": 10**400}, ValueError, "cleanup_timeout"),
+        ({"leader_boost": 10**400}, ValueError, "leader_boost"),
+        ({"max_clock_drift": 10**400}, ValueError, "max_clock_drift"),
+        ({"name": "job\udcff"}, ValueError, "name=.* lone surrogate"),
+        ({"node": "\ud800host"}, ValueError, "node=.* lone surrogate"),
         ({"interval": True}, TypeError, "interval"),
         ({"leader_boost": 0.5}, ValueError, "leader_boost"),
         ({"leader_boost": "2"}, TypeError, "leader_boost"),

@@ -23,6 +23,11 @@ MIN_CLOCK_DRIFT: Final = 0.001
 #: Largest ``max_clock_drift`` accepted.
 MAX_CLOCK_DRIFT: Final = 0.25
 
+#: Longest duration accepted for any setting in seconds (about 31 years). PostgreSQL's
+#: ``interval`` and Trio's deadlines hold far more; a larger value is a mistake, found here
+#: rather than as a failing statement.
+MAX_SECONDS: Final = 1e9
+
 _IDENT_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -73,6 +78,14 @@ def channel_for(prefix: str, table: str) -> str:
     return channel
 
 
+def _finite(value: float) -> bool:
+    """``math.isfinite``, also for an int too large for a float (which it cannot take)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_text(field: str, value: object) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{field} must be a str, got {type(value).__name__}")
@@ -80,6 +93,13 @@ def _check_text(field: str, value: object) -> None:
         raise ValueError(
             f"{field}={value!r} must be a non-empty string without leading or trailing spaces"
         )
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{field}={value!r} is not valid Unicode text (it holds a lone surrogate, as "
+            "decoding bytes with errors='surrogateescape' makes): decode it properly"
+        ) from None
     if len(value.encode()) > MAX_NAME_BYTES:
         raise ValueError(
             f"{field} is longer than {MAX_NAME_BYTES} bytes: choose a shorter {field}"
@@ -91,9 +111,14 @@ def _check_text(field: str, value: object) -> None:
 def _check_seconds(field: str, value: object, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{field} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    if not _finite(value) or value < 0 or (value == 0 and not allow_zero):
         what = "a finite number >= 0" if allow_zero else "a finite number > 0"
         raise ValueError(f"{field}={value!r} must be {what} (seconds)")
+    if value > MAX_SECONDS:
+        raise ValueError(
+            f"{field}={value!r} is more than {MAX_SECONDS:.0e} seconds (about 31 years): "
+            "give a duration in seconds"
+        )
 
 
 def _validate_dsn(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:
@@ -133,7 +158,7 @@ def _validate_optional_positive(
 def _validate_boost(_inst: object, _attr: object, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"leader_boost must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 1:
+    if not _finite(value) or value < 1:
         raise ValueError(
             f"leader_boost={value!r} must be >= 1 (the leader renews every interval / leader_boost)"
         )
@@ -142,7 +167,7 @@ def _validate_boost(_inst: object, _attr: object, value: object) -> None:
 def _validate_drift(_inst: object, _attr: object, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"max_clock_drift must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or not MIN_CLOCK_DRIFT <= value <= MAX_CLOCK_DRIFT:
+    if not _finite(value) or not MIN_CLOCK_DRIFT <= value <= MAX_CLOCK_DRIFT:
         raise ValueError(
             f"max_clock_drift={value!r} must be between {MIN_CLOCK_DRIFT} and "
             f"{MAX_CLOCK_DRIFT} (a relative clock-rate difference, e.g. 0.01 for 1%): "
