@@ -394,3 +394,17 @@ def test_a_lost_connection_keeps_a_resign_hold() -> None:
     # A newer tenure's release may still wake it earlier, as before.
     assert core.notified_down(2.0, term=8)
     assert core.next_round_at == 2.0
+
+
+def test_a_lease_longer_than_the_interval_is_seen_only_on_denied_bids_of_a_node() -> None:
+    from trio_peers._core import longer_lease_seen
+
+    denied = ElectionOutcome(term=None, holder_node="x", holder_term=3, holder_remaining=12.0)
+    assert longer_lease_seen(denied, interval=10.0) == 12.0
+    # At most the interval (a renewal's lease is exactly one interval, rounded): not longer.
+    assert longer_lease_seen(attrs.evolve(denied, holder_remaining=10.0005), 10.0) is None
+    # A failover barrier (node '') is longer than an interval by design: no one's lease.
+    assert longer_lease_seen(attrs.evolve(denied, holder_node=""), 10.0) is None
+    won = ElectionOutcome(term=4, lease_remaining=12.0)
+    assert longer_lease_seen(won, 10.0) is None
+    assert longer_lease_seen(ElectionOutcome(term=None), 10.0) is None

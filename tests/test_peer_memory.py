@@ -705,3 +705,29 @@ async def test_memory_a_connection_dropped_while_a_reply_is_on_its_way_fails_the
         assert a.statistics().elections_failed == 1
         await wait_for(lambda: backend.connection_count == 1 and a.is_leader, limit=1.0)
         assert a.term == term  # resumed on a new connection
+
+
+@pytest.mark.parametrize("follower_interval", [INTERVAL / 5, INTERVAL])
+async def test_a_follower_warns_once_of_a_leader_with_a_longer_interval(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    follower_interval: float,
+) -> None:
+    """Peers of one name with different intervals are unsafe across a failover (the barrier
+    is as long as its installer's interval): the shorter one sees a lease longer than its
+    own interval and warns, once per period however many bids see it. Equal intervals: no
+    warning."""
+    backend = MemoryBackend()
+    with caplog.at_level(logging.WARNING, logger="trio_peers"):
+        async with open_peer(cfg("a"), backend=backend) as a:
+            async with open_peer(cfg("b", interval=follower_interval), backend=backend) as b:
+                await trio.sleep(10 * INTERVAL)  # many denied bids of b
+                assert a.is_leader and not b.is_leader
+                assert b.statistics().elections_run > 10
+    warnings = [r.getMessage() for r in caplog.records if "longer than this" in r.getMessage()]
+    if follower_interval < INTERVAL:
+        assert len(warnings) == 1
+        assert "default (b): the leader a holds a lease" in warnings[0]
+        assert f"interval ({follower_interval:.3g} s)" in warnings[0]
+    else:
+        assert warnings == []

@@ -143,6 +143,36 @@ async def test_missing_table_warns_and_leads_after_migrate(
     assert "migrate" in messages[0] and "public.trio_peers" in messages[0]
 
 
+async def test_a_follower_warns_of_a_leader_with_a_longer_interval(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The leader's lease, as PostgreSQL reports it to a denied bid, outlasts the follower's
+    interval: the follower (an open_peer, and a name of a session) warns that the name's
+    peers run with different intervals."""
+    with caplog.at_level(logging.WARNING, logger="trio_peers"):
+        async with open_peer(cfg(dsn, "long", interval=4 * INTERVAL)) as leader:
+            assert leader.is_leader
+            async with (
+                open_peer(cfg(dsn, "short")) as follower,
+                open_session(dsn, node="shared") as session,
+                session.open_peer(name=leader.name, interval=INTERVAL) as named,
+            ):
+                await wait_for(
+                    lambda: (
+                        follower.statistics().elections_run >= 2
+                        and named.statistics().elections_run >= 2
+                    ),
+                    limit=10 * INTERVAL,
+                )
+                assert leader.is_leader and not follower.is_leader and not named.is_leader
+    warned = [r.getMessage() for r in caplog.records if "longer than this" in r.getMessage()]
+    assert sorted(m.split(":")[0] for m in warned) == [
+        "trio-peers default (shared)",
+        "trio-peers default (short)",
+    ]
+    assert all("the leader long holds a lease" in m for m in warned)
+
+
 @pytest.mark.parametrize(
     "ddl",
     [

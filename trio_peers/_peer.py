@@ -35,6 +35,7 @@ from ._core import (
     ElectionCore,
     ElectionOutcome,
     FailureCause,
+    longer_lease_seen,
 )
 from ._events import (
     EventHook,
@@ -705,10 +706,12 @@ class Peer(metaclass=NoPublicConstructor):
         propagate = False
         if error is None:
             assert outcome is not None
-            change = self._core.round_succeeded(
-                trio.current_time() if now is None else now, outcome
-            )
+            at = trio.current_time() if now is None else now
+            change = self._core.round_succeeded(at, outcome)
             outcome_name = change.value
+            longer = longer_lease_seen(outcome, self._config.interval)
+            if longer is not None:
+                self._report.longer_lease(outcome.holder_node, longer, self._config.interval, at)
             self._round_done(change, now)
         elif isinstance(error, TableMissing):
             self._round_failed(error, "table_missing")
