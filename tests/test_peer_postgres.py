@@ -27,7 +27,7 @@ from trio_peers import (
     open_peer,
     open_session,
 )
-from trio_peers._asyncpg import _mapped
+from trio_peers._asyncpg import _mapped, _Statements
 from trio_peers.testing import PostgresServer
 
 from ._pgutil import (
@@ -843,3 +843,45 @@ async def test_row_locked_by_another_transaction_is_busy_not_a_fault(
     assert warnings, "the lock is worth one warning"
     assert all("locked by another transaction" in w for w in warnings)
     assert len(warnings) <= 2  # one per peer at most
+
+
+# ------------------------------------------- statements run in the calling Trio task
+
+
+async def test_statements_run_in_the_trio_task_and_survive_cancellation(dsn: str) -> None:
+    """_Statements steps asyncpg's query coroutines in the calling task (no asyncio task per
+    statement). A statement cancelled by Trio, or timed out by asyncpg, is cancelled at the
+    server, raises as it would through aio_as_trio, and leaves the connection usable: the
+    next statement, which asyncpg makes wait for that cancellation under asyncio.timeout
+    (it needs an asyncio task), runs as a task of the loop, and the ones after it in the
+    calling task again. Regression guard: run in the calling task, that next statement
+    failed with "Timeout should be used inside a task"."""
+    async with open_sql(dsn) as sql:
+        conn, loop = sql.conn, sql.loop
+        statements = _Statements(loop)  # type: ignore[arg-type]
+        sent: list[str] = []
+        assert (
+            await statements.run(lambda: conn.fetchval("SELECT 41 + 1"), lambda: sent.append("x"))
+            == 42
+        )
+        assert sent == ["x"]
+        with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
+            await statements.run(lambda: conn.fetchval("SELECT 1 / 0"))
+        for _ in range(2):
+            started = trio.current_time()
+            with trio.move_on_after(0.2) as scope:
+                await statements.run(lambda: conn.fetchval("SELECT pg_sleep(30)"))
+            assert scope.cancelled_caught and trio.current_time() - started < 5
+            assert await statements.run(lambda: conn.fetchval("SELECT 2")) == 2
+            assert await statements.run(lambda: conn.fetchval("SELECT 3")) == 3
+        with pytest.raises(TimeoutError):
+            await statements.run(lambda: conn.fetchval("SELECT pg_sleep(30)", timeout=0.2))
+        assert await statements.run(lambda: conn.fetchval("SELECT 4")) == 4
+        # Nothing of the cancelled statements runs on: the backend is idle.
+        busy = await statements.run(
+            lambda: conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
+                " AND state = 'active'"
+            )
+        )
+        assert busy == 0
