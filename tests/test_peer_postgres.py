@@ -885,3 +885,44 @@ async def test_statements_run_in_the_trio_task_and_survive_cancellation(dsn: str
             )
         )
         assert busy == 0
+
+
+async def test_statements_of_a_cancelled_caller_are_never_sent(dsn: str) -> None:
+    """A caller already cancelled sends nothing (as an asyncio task cancelled before its
+    first step): regression, the statement was written and could commit (an election that
+    won a term its peer then never released)."""
+    async with open_sql(dsn) as sql:
+        conn = sql.conn
+        statements = _Statements(sql.loop)  # type: ignore[arg-type]
+        await statements.run(lambda: conn.execute("CREATE TABLE sent (x int)"))
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await statements.run(lambda: conn.execute("INSERT INTO sent VALUES (1)"))
+        assert scope.cancelled_caught
+        assert await statements.run(lambda: conn.fetchval("SELECT count(*) FROM sent")) == 0
+
+
+async def test_statements_track_a_cancellation_left_by_a_multi_statement_task(
+    dsn: str,
+) -> None:
+    """A coroutine run as a task (in_task: preparing a table) that times out leaves asyncpg
+    cancelling its statement: the next statement must run as a task too. Regression: it ran
+    in the calling task and failed with "Timeout should be used inside a task", which
+    dropped the whole session connection."""
+    async with open_sql(dsn) as sql:
+        conn = sql.conn
+        statements = _Statements(sql.loop)  # type: ignore[arg-type]
+        with pytest.raises(TimeoutError):
+            await statements.run(
+                lambda: conn.fetchval("SELECT pg_sleep(30)", timeout=0.2), in_task=True
+            )
+        assert await statements.run(lambda: conn.fetchval("SELECT 5")) == 5
+
+
+async def test_a_statement_failing_at_once_still_checkpoints(dsn: str) -> None:
+    async with open_sql(dsn) as sql:
+        conn = sql.conn
+        statements = _Statements(sql.loop)  # type: ignore[arg-type]
+        conn.terminate()
+        with trio.testing.assert_checkpoints(), pytest.raises(asyncpg.InterfaceError):
+            await statements.run(lambda: conn.fetchval("SELECT 1"))

@@ -149,6 +149,13 @@ async def _drive(coro: Coroutine[Any, Any, T], on_sent: Callable[[], None] | Non
     for it under ``asyncio.timeout``, which needs a current asyncio task
     (:class:`_Statements` runs that statement as a task).
     """
+    # A caller cancelled already sends nothing, as with a task (cancelled before its first
+    # step): the first step below writes the statement.
+    try:
+        await trio.lowlevel.checkpoint_if_cancelled()
+    except BaseException:
+        coro.close()
+        raise
     task = trio.lowlevel.current_task()
     awaited: asyncio.Future[Any] | None = None
     raise_cancel: Callable[[], NoReturn] | None = None
@@ -177,6 +184,10 @@ async def _drive(coro: Coroutine[Any, Any, T], on_sent: Callable[[], None] | Non
         except asyncio.CancelledError:
             if raise_cancel is not None:
                 raise_cancel()  # trio.Cancelled (or the KeyboardInterrupt that came)
+            raise
+        except BaseException:
+            if not blocked:  # (failed in its first step: a closed connection, say)
+                await trio.lowlevel.cancel_shielded_checkpoint()
             raise
         if on_sent is not None and not blocked:
             on_sent()
@@ -207,7 +218,9 @@ class _Statements:
     ended with an exception: asyncpg may then be cancelling it at the server, which the
     next statement waits for in a way that needs an asyncio task, so that one runs as a
     task of the loop (``aio_as_trio``) and, once it has succeeded, the next ones run in
-    the calling task again.
+    the calling task again. Every statement of the connection goes through here, so that
+    none can leave a cancellation in progress unseen; ``in_task=True`` runs an
+    asyncio-flavoured coroutine of several statements (preparing a table) as a task.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -215,10 +228,18 @@ class _Statements:
         self._direct = True
 
     async def run(
-        self, call: Callable[[], Coroutine[Any, Any, T]], on_sent: Callable[[], None] | None = None
+        self,
+        call: Callable[[], Coroutine[Any, Any, T]],
+        on_sent: Callable[[], None] | None = None,
+        *,
+        in_task: bool = False,
     ) -> T:
-        if not self._direct:
-            result: T = await _aio(_aio_signalled, self._loop)(call, on_sent)
+        if in_task or not self._direct:
+            try:
+                result: T = await _aio(_aio_signalled, self._loop)(call, on_sent)
+            except BaseException:
+                self._direct = False
+                raise
             self._direct = True
             return result
         try:
@@ -712,7 +733,9 @@ class AsyncpgConnection:
     async def position(self, *, statement_timeout: float) -> ServerPosition:
         """The server's system, timeline and read-only state (see :mod:`._position`)."""
         with _mapped():
-            return await _aio(_aio_fetch_position, self._loop)(self._conn, statement_timeout)
+            return await self._statements.run(
+                lambda: _aio_fetch_position(self._conn, statement_timeout), in_task=True
+            )
 
     async def aclose(self) -> None:
         # asyncpg's terminate() is libpq's PQfinish: it writes Terminate, then drops the
@@ -903,8 +926,11 @@ class AsyncpgSessionConnection:
         sql = Statements(table.prefix, table.table)
         channel = table.channel if self._settings.listen else None
         with _mapped():
-            prepared, unlogged = await _aio(_aio_prepare_table, self._loop)(
-                self._conn, sql, channel, self._on_notify, statement_timeout
+            prepared, unlogged = await self._statements.run(
+                lambda: _aio_prepare_table(
+                    self._conn, sql, channel, self._on_notify, statement_timeout
+                ),
+                in_task=True,
             )
         self._tables[table] = prepared
         return unlogged
