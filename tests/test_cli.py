@@ -189,6 +189,7 @@ def test_describe_dsn_names_the_hosts_of_the_query_and_of_a_list(
     assert describe_dsn("postgresql://u@/app?host=db9&port=6000") == "db9:6000/app"
     assert describe_dsn("postgresql://u:pw@a:1,b/app") == "a:1,b:5432/app"
     assert describe_dsn("postgresql:///app?host=a,b&port=7") == "a:7,b:7/app"
+    assert describe_dsn("postgresql://u@[::1]:5433/app") == "[::1]:5433/app"
 
 
 def test_describe_change() -> None:

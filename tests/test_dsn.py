@@ -85,6 +85,16 @@ def test_hosts_from_the_environment() -> None:
     assert hosts_of("postgresql://u@a,b/app", env) == ["a:6000", "b:6000"]
     assert parse_multihost("postgresql://u@db1/app", environ=env) is None
     assert parse_multihost("postgresql:///app", environ={"PGHOST": "db1"}) is None
+    # A service file's hosts come before PGHOST's (asyncpg, libpq): left to asyncpg.
+    # Regression: PGHOST's hosts were used and the service's never tried.
+    assert parse_multihost("postgresql:///app?service=prod", environ=env) is None
+    assert hosts_of("postgresql:///app?service=prod&host=a,b", env) == ["a:6000", "b:6000"]
+
+
+def test_query_hosts_are_decoded_once() -> None:
+    """parse_qsl has decoded ?host= already; decoding again read %252F as '/'."""
+    assert hosts_of("postgresql://u@/app?host=%2Frun%2Fpg,b") == ["/run/pg:5432", "b:5432"]
+    assert hosts_of("postgresql://u@/app?host=%252Fx,b") == ["%2Fx:5432", "b:5432"]
 
 
 @pytest.mark.parametrize("attrs", TARGET_SESSION_ATTRS)

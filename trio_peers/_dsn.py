@@ -78,8 +78,9 @@ def _port(text: str, where: str) -> int:
     return int(text)
 
 
-def _split_host(spec: str) -> tuple[str, str | None]:
-    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` -> (host, port text or None)."""
+def _split_host(spec: str, *, decode: bool = True) -> tuple[str, str | None]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` -> (host, port text or None); with
+    ``decode``, the host is percent-decoded (a URI's authority)."""
     if spec.startswith("["):
         match = _IPV6.match(spec)
         if match is None:
@@ -88,7 +89,7 @@ def _split_host(spec: str) -> tuple[str, str | None]:
     else:
         host, sep, port_text = spec.partition(":")
         port = port_text if sep else None
-    host = unquote(host).strip()
+    host = (unquote(host) if decode else host).strip()
     if not host:
         raise _bad(f"an empty host name in the host list ({spec!r}): remove the extra comma")
     if port == "":
@@ -121,8 +122,8 @@ def parse_multihost(dsn: str, *, environ: dict[str, str] | None = None) -> Multi
     parameter, else from ``PGHOST``, as libpq and asyncpg read them. A host without a port
     takes the ``port`` query parameter (one value for every host, or one per host), else
     ``PGPORT`` (likewise), else 5432; an empty item in either list means 5432, as in libpq.
-    Hosts that only a service file (``service=``, ``PGSERVICE``) names are not seen here: such
-    a DSN is left to asyncpg.
+    A DSN with a ``service`` parameter and no host of its own is left to asyncpg: the service
+    file's hosts come before ``PGHOST``'s, and are not read here.
     ``target_session_attrs`` comes from the query, else ``PGTARGETSESSIONATTRS``, else
     :data:`DEFAULT_TARGET_SESSION_ATTRS`. ``environ`` defaults to :data:`os.environ`.
 
@@ -140,10 +141,17 @@ def parse_multihost(dsn: str, *, environ: dict[str, str] | None = None) -> Multi
         raise ValueError(f"the DSN is not a valid URI: {exc}") from None
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     _auth, _, hostspec = parts.netloc.rpartition("@")
-    specs = (hostspec or query.get("host") or env.get("PGHOST", "")).split(",")
+    if hostspec:
+        specs, decode = hostspec.split(","), True
+    elif query.get("host"):
+        specs, decode = query["host"].split(","), False  # (parse_qsl decoded it already)
+    elif "service" in query:
+        return None  # the service file's hosts come before PGHOST's: asyncpg reads them
+    else:
+        specs, decode = env.get("PGHOST", "").split(","), False
     if len(specs) < 2:
         return None
-    hosts = [_split_host(spec) for spec in specs]
+    hosts = [_split_host(spec, decode=decode) for spec in specs]
     port_list = _port_list(query.get("port", ""), "port", len(hosts))
     env_ports = [] if port_list else _port_list(env.get("PGPORT", ""), "PGPORT", len(hosts))
     resolved = []

@@ -128,7 +128,7 @@ def describe_dsn(dsn: str) -> str:
             query = dict(parse_qsl(parts.query))
             host = parts.hostname or query.get("host") or os.environ.get("PGHOST") or "localhost"
             port = parts.port or query.get("port") or os.environ.get("PGPORT") or 5432
-            where = f"{host}:{port}"
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     except ValueError:
         return "(unparsable DSN)"
     db = parts.path.lstrip("/") or os.environ.get("PGDATABASE") or "(default database)"
