@@ -396,15 +396,20 @@ def test_a_lost_connection_keeps_a_resign_hold() -> None:
     assert core.next_round_at == 2.0
 
 
-def test_a_lease_longer_than_the_interval_is_seen_only_on_denied_bids_of_a_node() -> None:
-    from trio_peers._core import longer_lease_seen
+def test_a_lease_longer_than_the_barrier_is_seen_only_on_denied_bids_of_a_node() -> None:
+    from trio_peers._core import drift_bound, longer_lease_seen
 
     denied = ElectionOutcome(term=None, holder_node="x", holder_term=3, holder_remaining=12.0)
-    assert longer_lease_seen(denied, interval=10.0) == 12.0
-    # At most the interval (a renewal's lease is exactly one interval, rounded): not longer.
-    assert longer_lease_seen(attrs.evolve(denied, holder_remaining=10.0005), 10.0) is None
+    assert longer_lease_seen(denied, 10.0, 0.01) == 12.0
+    # A little over the interval is what equal intervals show when the leader's renewal
+    # started a few ms after this bid (each statement's now() is its start): not longer.
+    # Regression: 1 ms over the interval warned.
+    assert longer_lease_seen(attrs.evolve(denied, holder_remaining=10.02), 10.0, 0.01) is None
+    bound = drift_bound(10.0, 0.01)
+    assert longer_lease_seen(attrs.evolve(denied, holder_remaining=bound), 10.0, 0.01) is None
+    assert longer_lease_seen(attrs.evolve(denied, holder_remaining=bound + 0.01), 10.0, 0.01)
     # A failover barrier (node '') is longer than an interval by design: no one's lease.
-    assert longer_lease_seen(attrs.evolve(denied, holder_node=""), 10.0) is None
+    assert longer_lease_seen(attrs.evolve(denied, holder_node=""), 10.0, 0.01) is None
     won = ElectionOutcome(term=4, lease_remaining=12.0)
-    assert longer_lease_seen(won, 10.0) is None
-    assert longer_lease_seen(ElectionOutcome(term=None), 10.0) is None
+    assert longer_lease_seen(won, 10.0, 0.01) is None
+    assert longer_lease_seen(ElectionOutcome(term=None), 10.0, 0.01) is None

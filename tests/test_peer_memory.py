@@ -731,3 +731,29 @@ async def test_a_follower_warns_once_of_a_leader_with_a_longer_interval(
         assert f"interval ({follower_interval:.3g} s)" in warnings[0]
     else:
         assert warnings == []
+
+
+async def test_a_session_warns_once_for_all_its_names_led_with_a_longer_interval(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Many names of a session that each see a longer lease: one warning for the session
+    per period, not one per name (regression: one per name, 1,000 lines at 1,000 names)."""
+    backend = MemoryBackend()
+    names = [f"job-{i}" for i in range(5)]
+    with caplog.at_level(logging.WARNING, logger="trio_peers"):
+        async with contextlib.AsyncExitStack() as stack:
+            for name in names:
+                leader = await stack.enter_async_context(
+                    open_peer(cfg("a", name=name), backend=backend)
+                )
+                assert leader.is_leader
+            session = await stack.enter_async_context(
+                trio_peers.open_session("memory://", node="b", backend=backend)
+            )
+            for name in names:
+                await stack.enter_async_context(
+                    session.open_peer(name=name, interval=INTERVAL / 5)
+                )
+            await trio.sleep(4 * INTERVAL)
+    warnings = [r.getMessage() for r in caplog.records if "longer than this" in r.getMessage()]
+    assert len(warnings) == 1 and "(b): the leader a holds" in warnings[0]

@@ -66,24 +66,25 @@ def expiry_slack(interval: float) -> float:
     return EXPIRY_SLACK_MIN + EXPIRY_SLACK_FRACTION * interval
 
 
-#: Rounding allowed when comparing a lease's time left (database arithmetic in microseconds,
-#: sent as a float) with an interval (:func:`longer_lease_seen`).
-LEASE_ROUNDING: Final = 0.001
-
-
-def longer_lease_seen(outcome: ElectionOutcome, interval: float) -> float | None:
-    """The time left of another node's lease, if a denied bid shows it longer than ``interval``.
+def longer_lease_seen(
+    outcome: ElectionOutcome, interval: float, max_clock_drift: float
+) -> float | None:
+    """The time left of another node's lease, if a denied bid shows it longer than a
+    failover barrier of this peer would last (:func:`drift_bound`).
 
     Every lease a peer writes lasts exactly its ``interval`` on the database clock, so a
-    lease with more time left than this peer's ``interval`` was written by a peer of the
-    same name with a longer one. That is unsafe across a failover (a barrier is as long as
-    the interval of the peer that installs it; docs/howto/high-availability.rst), so the
-    shell warns. A failover barrier (node ``''``) is no one's lease and is not counted.
+    lease with more time left than that was written by a peer of the same name with a
+    longer interval. Past the barrier's length that is unsafe across a failover (a barrier
+    is as long as the interval of the peer that installs it; see
+    docs/howto/high-availability.rst), so the shell warns. Comparing with the barrier, not
+    the interval, also leaves room for what a lease's time left can exceed its interval by
+    with equal intervals (the two statements' ``now()`` differ by their start times). A
+    failover barrier (node ``''``) is no one's lease and is not counted.
     """
     remaining = outcome.holder_remaining
     if outcome.term is not None or remaining is None or not outcome.holder_node:
         return None
-    return remaining if remaining > interval + LEASE_ROUNDING else None
+    return remaining if remaining > drift_bound(interval, max_clock_drift) else None
 
 
 def drift_bound(interval: float, max_clock_drift: float) -> float:

@@ -709,7 +709,9 @@ class Peer(metaclass=NoPublicConstructor):
             at = trio.current_time() if now is None else now
             change = self._core.round_succeeded(at, outcome)
             outcome_name = change.value
-            longer = longer_lease_seen(outcome, self._config.interval)
+            longer = longer_lease_seen(
+                outcome, self._config.interval, self._config.max_clock_drift
+            )
             if longer is not None:
                 self._report.longer_lease(outcome.holder_node, longer, self._config.interval, at)
             self._round_done(change, now)

@@ -11,7 +11,6 @@ raises is logged, never raised. Every method is sync and never blocks.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Final, final
 
 from ._events import (
@@ -33,7 +32,8 @@ log: Final = logging.getLogger("trio_peers")
 
 #: A follower warns of a locked lease row after this many busy rounds in a row.
 _FOLLOWER_BUSY_WARN_AFTER: Final = 3
-#: A peer warns of a leader with a longer interval than its own at most this often (s).
+#: A session (or a peer of its own) warns of a leader with a longer interval at most this
+#: often (s).
 _LONGER_LEASE_WARN_PERIOD: Final = 600.0
 
 
@@ -77,7 +77,6 @@ class PeerReporter:
         self._causes: set[tuple[str, str]] = set()
         self._table_key = ("table missing", *table)
         self._table_missing = False
-        self._longer_lease_warn_at = -math.inf
         #: The last fault, as ``"Class: message"`` (PeerStatistics.last_error).
         self.last_error: str | None = None
 
@@ -200,14 +199,15 @@ class PeerReporter:
         self, holder: str | None, remaining: float, interval: float, now: float
     ) -> None:
         """A denied bid showed ``holder``'s lease with ``remaining`` seconds left, more than
-        this peer's ``interval``: the peers of this name run with different intervals.
-        At WARNING, at most once per :data:`_LONGER_LEASE_WARN_PERIOD`."""
-        if now < self._longer_lease_warn_at:
+        this peer's ``interval`` and failover barrier: the peers of this name run with
+        different intervals. At WARNING, at most once per :data:`_LONGER_LEASE_WARN_PERIOD`
+        for all names of a session."""
+        if not self._shared.due(("longer lease",), now, _LONGER_LEASE_WARN_PERIOD):
             return
-        self._longer_lease_warn_at = now + _LONGER_LEASE_WARN_PERIOD
         log.warning(
-            "trio-peers %s: the leader %s holds a lease with %.3g s left, longer than this "
-            "peer's interval (%.3g s): peers of this name run with different intervals. "
+            "trio-peers %s: the leader %s holds a lease with %.4g s left, longer than this "
+            "peer's interval (%.4g s) and its failover barrier: peers of this name run "
+            "with different intervals. "
             "Give every peer of a name the same interval and max_clock_drift: a failover "
             "barrier is only as long as the interval of the peer that installs it, so after "
             "a failover during a network partition two peers could lead at once (expected "

@@ -45,11 +45,20 @@ class SharedLog:
     def __init__(self, note: str = "") -> None:
         self.note = note  # appended to the lines logged for all of the sharers
         self._counts: collections.Counter[Hashable] = collections.Counter()
+        self._next_at: dict[Hashable, float] = {}
 
     def enter(self, key: Hashable) -> bool:
         """One more peer meets ``key``; True if it is the first (log it)."""
         self._counts[key] += 1
         return self._counts[key] == 1
+
+    def due(self, key: Hashable, now: float, period: float) -> bool:
+        """True at most once per ``period`` seconds (of ``now``'s clock) for ``key`` among
+        the sharers: a condition that has no end to log, logged now and then."""
+        if now < self._next_at.get(key, -math.inf):
+            return False
+        self._next_at[key] = now + period
+        return True
 
     def leave(self, key: Hashable) -> bool:
         """One peer less meets ``key``; True if it was the last (log the recovery)."""
