@@ -139,3 +139,22 @@ def _values(reader: InMemoryMetricReader) -> dict[str, float]:
                         point.count if value is None else value
                     )
     return out
+
+
+async def test_a_closing_peer_ends_its_connection_as_soon_as_its_release_is_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """open_peer's private session closes the connection when the peer's last statement (its
+    release) returns, before the peer and the session unwind (each scheduler pass of that is
+    slower while followers take the CPU). The closing is not a fault."""
+    backend = MemoryBackend()
+    seen: list[tuple[str, int]] = []
+
+    def hook(event: PeerEvent) -> None:
+        if isinstance(event, LeaseReleased | Fault):
+            seen.append((type(event).__name__, backend.connection_count))
+
+    async with open_peer(cfg("a"), backend=backend, on_event=hook) as a:
+        assert a.is_leader and backend.connection_count == 1
+    assert seen == [("LeaseReleased", 0)]
+    assert backend.connection_count == 0

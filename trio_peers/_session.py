@@ -628,15 +628,22 @@ class PeerSession(metaclass=NoPublicConstructor):
             # connection of the peer's own: no hop to the batcher task and back.
             request.sent = True
             peer = member.peer
-            if kind == "release" and peer is not None and peer._stop_started:
+            last = kind == "release" and peer is not None and peer._stop_started
+            if last:
                 # The peer's last statement (its trust has ended, it runs no more rounds):
                 # the session's other tasks end now, while the statement is at the server,
                 # rather than after it, when a follower's election needs the CPU.
                 self._helpers_scope.cancel()
             await self._run_batch([request])
+            result = request.result
+            if last and not (isinstance(result, ReleaseOutcome) and result.busy):
+                # And once it is back, the connection goes at once (as _close would), not
+                # after the peer's and the session's tasks have unwound: each of those
+                # scheduler passes is slower while the followers' bids take the CPU.
+                self._end_connection()
             if request.error is not None:
                 raise request.error
-            return request.result
+            return result
         request.done = done = trio.Event()
         self._queue.append(request)
         self._queue_ready.set()
@@ -1125,6 +1132,14 @@ class PeerSession(metaclass=NoPublicConstructor):
                 statement_timeout=member.config.cleanup_timeout,
             )
         peer._report_release(term, released, started)
+
+    def _end_connection(self) -> None:
+        """Close the connection now (sync), as :meth:`_close` does: its loss is not news."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._conn_gen += 1  # (its on_lost, if it comes, is for an old connection)
+            self._prepared = set()
+            conn.abort()
 
     async def _close(self) -> None:
         await trio.lowlevel.checkpoint()
