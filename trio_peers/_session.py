@@ -640,7 +640,9 @@ class PeerSession(metaclass=NoPublicConstructor):
                 # And once it is back, the connection goes at once (as _close would), not
                 # after the peer's and the session's tasks have unwound: each of those
                 # scheduler passes is slower while the followers' bids take the CPU.
-                self._end_connection()
+                conn = self._forget_connection()
+                if conn is not None:
+                    conn.abort()
             if request.error is not None:
                 raise request.error
             return result
@@ -905,11 +907,17 @@ class PeerSession(metaclass=NoPublicConstructor):
         :meth:`Peer.get_leader <trio_peers.Peer.get_leader>` promises (its lease stands,
         its trust is bounded by time)."""
         if self._conn is conn:
-            self._conn = None
-            self._conn_gen += 1
-            self._prepared = set()
+            self._forget_connection()
             conn.abort()
             self._tell_lost(skip={r.member for r in batch if not r.finished})
+
+    def _forget_connection(self) -> SessionConnection | None:
+        """Stop using the connection (returned, to close or not): its ``on_lost``, if it
+        comes, is for an old connection, and a new one prepares its tables again."""
+        conn, self._conn = self._conn, None
+        self._conn_gen += 1
+        self._prepared = set()
+        return conn
 
     def _tell_lost(self, skip: frozenset[_Member] | set[_Member] = frozenset()) -> None:
         for member in list(self._members.values()):
@@ -924,9 +932,7 @@ class PeerSession(metaclass=NoPublicConstructor):
         def on_lost() -> None:
             if gen != self._conn_gen or self._closed:
                 return
-            self._conn_gen += 1
-            self._conn = None
-            self._prepared = set()
+            self._forget_connection()
             self._tell_lost()
 
         return on_lost
@@ -1133,22 +1139,13 @@ class PeerSession(metaclass=NoPublicConstructor):
             )
         peer._report_release(term, released, started)
 
-    def _end_connection(self) -> None:
-        """Close the connection now (sync), as :meth:`_close` does: its loss is not news."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            self._conn_gen += 1  # (its on_lost, if it comes, is for an old connection)
-            self._prepared = set()
-            conn.abort()
-
     async def _close(self) -> None:
         await trio.lowlevel.checkpoint()
         self._closed = True
         for request in self._queue:
             request.finish(error=BackendUnavailable("the session is closed"))
         self._queue = []
-        conn, self._conn = self._conn, None
-        self._conn_gen += 1
+        conn = self._forget_connection()
         if conn is None:
             await trio.lowlevel.checkpoint()
             return
