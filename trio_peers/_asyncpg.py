@@ -234,15 +234,11 @@ class _Statements:
         *,
         in_task: bool = False,
     ) -> T:
-        if in_task or not self._direct:
-            try:
-                result: T = await _aio(_aio_signalled, self._loop)(call, on_sent)
-            except BaseException:
-                self._direct = False
-                raise
-            self._direct = True
-            return result
         try:
+            if in_task or not self._direct:
+                result: T = await _aio(_aio_signalled, self._loop)(call, on_sent)
+                self._direct = True
+                return result
             return await _drive(call(), on_sent)
         except BaseException:
             self._direct = False
